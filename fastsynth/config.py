@@ -1,0 +1,209 @@
+"""One typed dataclass of settings, the named presets, and the argparse built from them.
+
+`paper` is METHOD.md's settings; `quick` fits a 2-core CPU in minutes. A flag given on the
+command line always wins over the preset.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the flag and the valid choices."""
+
+
+CHOICES = {
+    "dataset": ("synthetic", "aircraft", "cub", "cars", "folder"),  # = data.datasets.DATASETS
+    "preset": ("quick", "paper"),
+    "method": ("mocov2", "simsiam"),
+    "synth": ("on", "off"),
+    "noise": ("both", "gradcam", "lowvar", "random", "none"),
+    "score": ("grad_x_act", "grad"),
+    "stage": ("all", "warmup", "ssl", "eval"),
+    "impl": ("reference",),
+    "arch": ("resnet18", "resnet34", "resnet50"),
+    "amp_dtype": ("auto", "bfloat16", "float16"),
+}
+
+HELP = {
+    "dataset": "synthetic (embedded, default) | aircraft | cub | cars | folder",
+    "data_root": "folder holding the dataset (required for real datasets)",
+    "download": "download the dataset with torchvision's downloader where one exists",
+    "preset": "quick: 2-core CPU in minutes; paper: METHOD.md's settings",
+    "method": "the SSL baseline (Eq. 1)",
+    "synth": "on: the paper's synthesized pairs (Eq. 2-8); off: the plain baseline",
+    "noise": "which noise builds z_tilde (Eq. 5-6); none also sets nu = 0",
+    "score": "Eq. 3 score: ReLU(-z dL/dz) (grad_x_act) or ReLU(-dL/dz) (grad)",
+    "weights": "local ResNet state dict to initialise the encoder (never downloaded)",
+    "epochs": "SSL epochs",
+    "lr": "SGD learning rate per 256 images (scaled by batch_size / 256)",
+    "warmup_epochs": "decoder warm-up epochs (frozen encoder, MSE, Adam)",
+    "max_steps": "stop each training stage after this many steps (smoke runs)",
+    "stage": "all = warm-up, SSL, evaluation; or one stage alone",
+    "resume_from": "checkpoint to continue from (decoder for --stage ssl, full model for eval)",
+    "impl": "reference: plain PyTorch path (the fast path arrives with the Triton/DALI work)",
+    "sigma_g": "std of the Grad-CAM-guided noise eps_g (Eq. 5)",
+    "sigma_v": "std of the low-variance noise eps_v (Eq. 6)",
+    "lam": "lambda, threshold on v_bar for low-variance dims (Sec. 3.4)",
+    "tau": "temperature of Eq. 1 and Eq. 7",
+    "alpha": "weight of L_R in Eq. 8",
+    "nu": "weight of L_Cp in Eq. 8",
+    "bank_size": "rows of the FIFO feature memory bank (Sec. 3.4)",
+    "queue_size": "MoCo queue length K",
+    "probe_fractions": "label fractions for the linear probe, comma separated",
+    "amp": "mixed precision: bfloat16 autocast where supported, else float16 + GradScaler",
+    "device": "auto | cpu | cuda | cuda:N",
+}
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "synthetic"
+    data_root: Optional[str] = None
+    download: bool = False
+    image_size: int = 224
+    workers: int = 4
+    # method
+    preset: str = "paper"
+    method: str = "mocov2"
+    synth: str = "on"
+    noise: str = "both"
+    score: str = "grad_x_act"
+    arch: str = "resnet50"
+    weights: Optional[str] = None
+    impl: str = "reference"
+    # Eq. 1
+    tau: float = 0.2
+    moco_dim: int = 128
+    moco_momentum: float = 0.999
+    queue_size: int = 65536
+    simsiam_dim: int = 2048
+    # Eq. 2-8
+    alpha: float = 1.0
+    nu: float = 0.5
+    sigma_g: float = 1.0
+    sigma_v: float = 1.0
+    lam: float = 0.02
+    bank_size: int = 4096
+    decoder_width: int = 256
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.06
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 200
+    decoder_lr: float = 1e-3
+    max_steps: Optional[int] = None
+    amp: bool = False
+    amp_dtype: str = "auto"
+    # evaluation
+    probe_epochs: int = 100
+    probe_lr: Optional[float] = None
+    probe_fractions: str = "1.0,0.5,0.2"
+    # run
+    stage: str = "all"
+    resume_from: Optional[str] = None
+    output_dir: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 20
+
+    def effective_lr(self) -> float:
+        return self.lr * self.batch_size / 256
+
+    def fractions(self) -> list[float]:
+        try:
+            fr = [float(f) for f in self.probe_fractions.split(",") if f.strip()]
+        except ValueError:
+            raise ConfigError(f"--probe-fractions {self.probe_fractions!r}: expected e.g. 1.0,0.5,0.2") from None
+        if not fr or any(not 0 < f <= 1 for f in fr):
+            raise ConfigError(f"--probe-fractions {self.probe_fractions!r}: each must be in (0, 1]")
+        return fr
+
+    def validate(self) -> "Config":
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("image_size", "epochs", "batch_size", "queue_size", "bank_size", "moco_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ConfigError("--batch-size must be at least 2 (batch statistics and Eq. 7 negatives)")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
+        if not 0 <= self.moco_momentum < 1:
+            raise ConfigError(f"--moco-momentum must be in [0, 1), got {self.moco_momentum}")
+        if self.tau <= 0:
+            raise ConfigError(f"--tau must be positive, got {self.tau}")
+        if min(self.sigma_g, self.sigma_v, self.alpha, self.nu) < 0:
+            raise ConfigError("--sigma-g, --sigma-v, --alpha and --nu must be >= 0")
+        if self.image_size % 8:
+            raise ConfigError(f"--image-size must be a multiple of 8 (decoder upsampling), got {self.image_size}")
+        self.fractions()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    # METHOD.md "Training settings": ResNet-50 at 224, batch 128, 100 epochs, queue 65536,
+    # decoder warm-up 200 epochs. lr 0.03 at batch 128 is 0.06 per 256 images.
+    "paper": {},
+    # Fits a 2-core CPU: ResNet-18 at 64 px on the synthetic set. The queue and bank are shorter
+    # than the dataset (800 images) so they hold recent, not stale, features; the key encoder
+    # moves faster because the run is a few hundred steps long.
+    "quick": dict(arch="resnet18", image_size=64, batch_size=64, epochs=5, lr=0.06,
+                  queue_size=1024, bank_size=512, moco_momentum=0.99, warmup_epochs=20,
+                  simsiam_dim=512, decoder_width=128, probe_epochs=100, workers=0, log_every=5),
+}
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    kw = {"dest": f.name, "default": None, "help": HELP.get(f.name)}
+    if f.type in ("bool", bool):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        return
+    base = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
+            "Optional[str]": str}[str(f.type)]
+    if f.name in CHOICES:
+        kw["choices"] = CHOICES[f.name]
+    parser.add_argument(flag, type=base, **kw)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        _add_flag(p, f)
+    return p
+
+
+def from_args(argv=None, description: str = "fastsynth") -> Config:
+    """Defaults <- preset <- flags given on the command line."""
+    args = build_parser(description).parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = given.get("preset", "quick")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset, **given}
+    if values.get("noise") == "none" and "nu" not in given:
+        values["nu"] = 0.0  # METHOD.md: the `none` ablation is MoCo v2 + L_R with nu = 0
+    return Config(**values).validate()
+
+
+def save(cfg: Config, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(cfg.to_dict(), fh, indent=2, sort_keys=True)
+
+
+def from_dict(d: dict) -> Config:
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,1 @@
+"""Datasets (official on-disk layouts and the embedded synthetic set) and loaders."""

@@ -1,0 +1,34 @@
+"""Registry of dataset builders: a name on the command line -> `Splits` of real image files.
+
+`synthetic` (the embedded default, generated on first use) needs no root; the official
+benchmarks of METHOD.md (aircraft, cub, cars) and a generic `folder` tree need `--data-root`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+from . import official
+from .base import DatasetError, Splits
+from .synthetic import synthetic
+
+DATASETS: Dict[str, Callable[..., Splits]] = {
+    "synthetic": synthetic,
+    "aircraft": official.aircraft,
+    "cub": official.cub,
+    "cars": official.cars,
+    "folder": official.folder,
+}
+
+
+def build_dataset(name: str, root: Optional[str] = None, download: bool = False,
+                  seed: int = 0) -> Splits:
+    """Build the named dataset. `seed` only changes the synthetic set (its generation seed)."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    if name == "synthetic":
+        # root None -> the user cache ($FASTSYNTH_CACHE or ~/.cache/fastsynth)
+        return synthetic(root=root, download=download, seed=seed)
+    if root is None:
+        raise DatasetError(f"dataset {name!r} needs --data-root (the folder holding it, or "
+                           f"where --download should put it)")
+    return DATASETS[name](root, download=download)

@@ -1,0 +1,51 @@
+"""The torchvision loader: a Dataset over an ImageList that yields true sample indices.
+
+(The DALI loader arrives with the fast-path issue and reads the same ImageList.)
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .base import ImageList
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode any PIL-readable image to RGB (grayscale, palette, alpha, CMYK converted)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class FileDataset(Dataset):
+    """(transform(image), label, index): the index is the position in the ImageList.
+
+    cache=True keeps decoded images in memory: worth it for the small synthetic set on a CPU,
+    where decoding would otherwise be repeated every epoch.
+    """
+
+    def __init__(self, images: ImageList, transform, cache: bool = False):
+        self.images, self.transform = images, transform
+        self._cache = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _image(self, i: int) -> Image.Image:
+        if self._cache is None:
+            return load_rgb(self.images.paths[i])
+        if i not in self._cache:
+            self._cache[i] = load_rgb(self.images.paths[i])
+        return self._cache[i]
+
+    def __getitem__(self, i: int):
+        return self.transform(self._image(i)), self.images.labels[i], i
+
+
+def make_loader(images: ImageList, transform, batch_size: int, *, shuffle: bool, drop_last: bool,
+                workers: int = 0, seed: int = 0, cache: bool = False, pin_memory: bool = False) -> DataLoader:
+    gen = torch.Generator()
+    gen.manual_seed(seed)  # the shuffling order follows --seed
+    return DataLoader(FileDataset(images, transform, cache=cache and workers == 0), batch_size=batch_size,
+                      shuffle=shuffle, drop_last=drop_last, num_workers=workers, generator=gen,
+                      pin_memory=pin_memory, persistent_workers=workers > 0)

@@ -1,0 +1,115 @@
+"""`python -m fastsynth.eval --checkpoint PATH`: linear probe and retrieval on a checkpoint.
+
+Protocols of METHOD.md "Evaluation protocols": a linear classifier on the frozen encoder with
+100 / 50 / 20 % of the training labels (stratified), and leave-one-out cosine retrieval on the
+test set (rank-1, rank-5, mAP). Features are extracted once with the test view (resize +
+centre crop); the probe trains on those frozen features (see fastsynth.metrics.linear_probe).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from fastsynth import metrics
+from fastsynth.config import Config
+from fastsynth.data.base import ImageList, Splits
+from fastsynth.data.loaders import make_loader
+from fastsynth.data.transforms import evaluation
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:
+    def tqdm(it=None, **_):
+        return it
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, device: torch.device,
+                     desc: str = "features"):
+    """Encoder features (N x d, float32, CPU) and labels (N,) with the evaluation view."""
+    loader = make_loader(images, evaluation(cfg.image_size), cfg.batch_size, shuffle=False, drop_last=False,
+                         workers=cfg.workers, seed=cfg.seed)
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    for x, y, _ in tqdm(loader, desc=desc, leave=False):
+        feats.append(encoder(x.to(device, non_blocking=True)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def evaluate_encoder(encoder: torch.nn.Module, splits: Splits, cfg: Config, device: torch.device,
+                     tag: str = "") -> dict:
+    """{'linear_top1@100', ..., 'rank1', 'rank5', 'mAP', 'knn_top1'} as fractions in [0, 1]."""
+    tr_f, tr_y = extract_features(encoder, splits.train, cfg, device, f"{tag}train features")
+    te_f, te_y = extract_features(encoder, splits.test, cfg, device, f"{tag}test features")
+    out = {}
+    for frac in cfg.fractions():
+        idx = metrics.stratified_subset(tr_y, frac, seed=cfg.seed)
+        kw = {"lr": cfg.probe_lr} if cfg.probe_lr is not None else {}
+        probe = metrics.linear_probe(tr_f[idx], tr_y[idx], te_f, te_y, epochs=cfg.probe_epochs, seed=cfg.seed,
+                                     num_classes=splits.train.num_classes, **kw)
+        out[f"linear_top1@{round(frac * 100)}"] = probe["top1"]
+    out.update(metrics.retrieval(te_f, te_y))
+    out["knn_top1"] = metrics.knn(tr_f, tr_y, te_f, te_y, num_classes=splits.train.num_classes)
+    return out
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Rows = metric, columns = encoders; percentages."""
+    names = list(results)
+    keys = [k for k in next(iter(results.values()))]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{100 * results[n][k]:.2f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from fastsynth.checkpoint import CheckpointError, load
+    from fastsynth.config import ConfigError, from_dict
+    from fastsynth.data.base import DatasetError
+    from fastsynth.data.datasets import build_dataset
+    from fastsynth.engine import resolve_device
+    from fastsynth.model import SynthSSL
+
+    p = argparse.ArgumentParser(description="Evaluate a fastsynth checkpoint (linear probe + retrieval)")
+    p.add_argument("--checkpoint", required=True, help="a fastsynth checkpoint (last.pt or final.pt)")
+    p.add_argument("--data-root", default=None, help="override the dataset root stored in the checkpoint")
+    p.add_argument("--probe-fractions", default=None, help="label fractions, e.g. 1.0,0.5,0.2")
+    p.add_argument("--probe-epochs", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default=None, help="write the metrics JSON here")
+    args = p.parse_args(argv)
+    try:
+        ckpt = load(args.checkpoint)
+        if "model" not in ckpt:
+            raise CheckpointError(f"checkpoint {args.checkpoint}: holds stage {ckpt.get('stage')!r}, no encoder "
+                                  "(use the run's last.pt)")
+        cfg = from_dict(ckpt["config"])
+        for name in ("data_root", "probe_fractions", "probe_epochs"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
+        cfg.weights = None  # the checkpoint carries the weights
+        cfg.validate()
+        device = resolve_device(args.device)
+        model = SynthSSL(cfg)
+        model.load_state_dict(ckpt["model"])
+        splits = build_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.seed)
+        res = evaluate_encoder(model.encoder.to(device), splits, cfg, device)
+    except (CheckpointError, ConfigError, DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table({"checkpoint": res}))
+    if args.output:
+        with open(args.output, "w") as fh:
+            json.dump(res, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

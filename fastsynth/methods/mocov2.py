@@ -1,0 +1,78 @@
+"""MoCo v2 (METHOD.md Eq. 1): query encoder f, g; momentum key encoder f_k, g_k; FIFO queue Q.
+
+Every method exposes the same four calls the training step uses:
+  ssl_loss(x1, x2) -> (L_C, ctx)      Eq. 1, ctx carries what the other terms reuse
+  score_loss(z, ctx) -> L             Eq. 3's loss as a function of z = f(x), through g only
+  pair_loss(x_hat, x_tilde) -> L_Cp   Eq. 7
+  after_step(ctx)                     state updates once the optimizer has stepped
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastsynth import losses
+from fastsynth.models import MoCoHead, build_encoder, momentum_copy, momentum_update
+
+
+class MoCoV2(nn.Module):
+    def __init__(self, arch: str = "resnet50", weights: str | None = None, dim: int = 128,
+                 queue_size: int = 65536, momentum: float = 0.999, tau: float = 0.2,
+                 kernel_impl: str = "torch", **_):
+        super().__init__()
+        self.encoder = build_encoder(arch, weights)
+        self.head = MoCoHead(self.encoder.dim, dim)
+        self.key_encoder = momentum_copy(self.encoder)
+        self.key_head = momentum_copy(self.head)
+        self.m, self.tau, self.kernel_impl = momentum, tau, kernel_impl
+        # Random unit keys until real ones arrive, as in MoCo.
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def feat_dim(self) -> int:
+        return self.encoder.dim
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """norm(g(z)): B x d -> B x dim, unit rows."""
+        return F.normalize(self.head(z), dim=1)
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """k = norm(g_k(f_k(x))) after the momentum update of f_k, g_k (as MoCo orders it)."""
+        momentum_update(self.encoder, self.key_encoder, self.m)
+        momentum_update(self.head, self.key_head, self.m)
+        return F.normalize(self.key_head(self.key_encoder(x)), dim=1)
+
+    def ssl_loss(self, x1: torch.Tensor, x2: torch.Tensor):
+        q = self.project(self.encoder(x1))
+        k = self.keys(x2)
+        return losses.info_nce(q, k, self.queue, self.tau, impl=self.kernel_impl), {"k": k}
+
+    def score_loss(self, z: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Eq. 3: L = InfoNCE(norm(g(z)), k', Q) with k' the key of the same image's view."""
+        return losses.info_nce(self.project(z), ctx["k"], self.queue, self.tau, impl=self.kernel_impl)
+
+    def pair_loss(self, x_hat: torch.Tensor, x_tilde: torch.Tensor) -> torch.Tensor:
+        """Eq. 7: NT-Xent over the 2B synthesized images, one encoder pass for both halves."""
+        e = self.project(self.encoder(torch.cat([x_hat, x_tilde], dim=0)))
+        a, b = e.chunk(2, dim=0)
+        return losses.nt_xent(a, b, self.tau)
+
+    @torch.no_grad()
+    def after_step(self, ctx: dict) -> None:
+        self.enqueue(ctx["k"])
+
+    @torch.no_grad()
+    def enqueue(self, k: torch.Tensor) -> None:
+        """FIFO: the newest keys overwrite the oldest, wrapping around the end of the queue."""
+        n, size = k.shape[0], self.queue.shape[0]
+        p = int(self.queue_ptr)
+        rows = (torch.arange(n, device=k.device) + p) % size
+        self.queue.index_copy_(0, rows, k.to(self.queue.dtype))
+        self.queue_ptr.fill_((p + n) % size)
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        return [{"params": list(self.encoder.parameters()) + list(self.head.parameters()),
+                 "lr": lr, "weight_decay": weight_decay}]

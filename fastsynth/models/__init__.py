@@ -1,0 +1,5 @@
+"""Encoder trunk, projection/prediction heads, decoder and the momentum copy."""
+from .encoder import ARCHS, build_encoder, load_weights
+from .heads import MoCoHead, SimSiamProjector, SimSiamPredictor
+from .decoder import Decoder
+from .momentum import momentum_copy, momentum_update

@@ -1,0 +1,98 @@
+"""The training and evaluation commands end to end on a tiny set, and their error handling."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastsynth.data.synthetic import synthetic
+from fastsynth import eval as fs_eval
+from fastsynth import train
+
+TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--max-steps", "2",
+        "--warmup-epochs", "2", "--probe-epochs", "3", "--queue-size", "32", "--bank-size", "16",
+        "--decoder-width", "32", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """A 4-class synthetic set written as a plain train/ test/ ImageFolder tree."""
+    root = tmp_path_factory.mktemp("tiny")
+    splits = synthetic(root=str(root), num_classes=4, train_per_class=6, test_per_class=3, size=48)
+    return os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    rc = train.main(["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY])
+    assert rc == 0
+    return out
+
+
+def test_run_folder_contents(tiny_run):
+    for name in ("config.json", "metrics.jsonl", "warmup.pt", "last.pt", "final_metrics.json", "triplets.png"):
+        assert os.path.isfile(os.path.join(tiny_run, name)), name
+    records = [json.loads(line) for line in open(os.path.join(tiny_run, "metrics.jsonl"))]
+    assert {r["stage"] for r in records} == {"warmup", "ssl"}
+    ssl = [r for r in records if r["stage"] == "ssl"]
+    assert all(k in ssl[0] for k in ("loss", "l_c", "l_r", "l_cp"))
+    final = json.load(open(os.path.join(tiny_run, "final_metrics.json")))
+    for enc in ("trained", "random_init"):
+        m = final["metrics"][enc]
+        assert set(m) >= {"linear_top1@100", "linear_top1@50", "linear_top1@20", "rank1", "rank5", "mAP"}
+        assert all(0.0 <= v <= 1.0 for v in m.values())
+    assert final["ssl_steps"] == 2
+    assert json.load(open(os.path.join(tiny_run, "config.json")))["max_steps"] == 2
+
+
+def test_eval_cli_reads_checkpoint(tiny_run, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = fs_eval.main(["--checkpoint", os.path.join(tiny_run, "last.pt"), "--probe-fractions", "1.0",
+                       "--probe-epochs", "2", "--output", str(out)])
+    assert rc == 0
+    res = json.load(open(out))
+    assert set(res) == {"linear_top1@100", "rank1", "rank5", "mAP", "knn_top1"}
+
+
+def test_stages_run_alone(tiny_root, tiny_run, tmp_path):
+    out = str(tmp_path / "alone")
+    args = ["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY]
+    assert train.main([*args, "--stage", "warmup"]) == 0
+    assert os.path.isfile(os.path.join(out, "warmup.pt")) and not os.path.exists(os.path.join(out, "last.pt"))
+    assert train.main([*args, "--stage", "ssl"]) == 0
+    assert os.path.isfile(os.path.join(out, "last.pt"))
+    assert train.main([*args, "--stage", "eval", "--probe-fractions", "1.0"]) == 0
+    final = json.load(open(os.path.join(out, "final_metrics.json")))
+    assert "metrics" in final and "ssl_steps" not in final
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--dataset", "cub"], "--data-root"),
+    (["--dataset", "cub", "--data-root", "/nonexistent/cub"], "/nonexistent/cub"),
+    (["--noise", "loud"], "invalid choice"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--stage", "eval", "--resume-from", "/nonexistent.pt"], "/nonexistent.pt"),
+])
+def test_bad_input_is_one_clear_line(argv, needle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastsynth.train", "--output-dir", str(tmp_path), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr
+
+
+def test_eval_rejects_unreadable_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, "-m", "fastsynth.eval", "--checkpoint", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unreadable" in proc.stderr
+
+
+def test_dataset_choices_match_registry():
+    from fastsynth.config import CHOICES
+    from fastsynth.data.datasets import DATASETS
+    assert set(CHOICES["dataset"]) == set(DATASETS)
