@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-import fastsynth.kernels.feature_bank as mod
+import importlib
+
+mod = importlib.import_module("fastsynth.kernels.feature_bank")  # the package re-exports a function of the same name
 from fastsynth.kernels import FeatureBank
 
 from conftest import impls, sync

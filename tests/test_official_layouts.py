@@ -302,11 +302,15 @@ def test_registry_errors_and_dispatch(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match=r"unknown dataset 'imagenet'; valid choices: "
                                            r"synthetic, aircraft, cub, cars, folder"):
         build_dataset("imagenet")
+    monkeypatch.setenv("FASTSYNTH_DATA", str(tmp_path / "default"))
     for name in ("aircraft", "cub", "cars", "folder"):
-        with pytest.raises(DatasetError, match=r"needs --data-root"):
+        with pytest.raises(DatasetError, match=r"nothing at the default location .*default.%s; pass --data-root"
+                           % name):
             build_dataset(name)
     make_cub(str(tmp_path))
     assert len(build_dataset("cub", str(tmp_path)).train) == 8
+    make_cub(str(tmp_path / "default" / "cub"))  # the default location is used when no root is given
+    assert len(build_dataset("cub").train) == 8
     seen = {}
     monkeypatch.setattr(datasets, "synthetic", lambda **kw: seen.update(kw) or "splits")
     assert build_dataset("synthetic", seed=3) == "splits"

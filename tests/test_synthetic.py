@@ -49,7 +49,7 @@ def test_image_does_not_depend_on_counts_or_order():
 def test_layout_counts_labels_and_real_jpegs(tmp_path):
     s = syn.synthetic(str(tmp_path), seed=1, **SMALL)
     folder = _folder(s)
-    assert folder == str(tmp_path / "synthetic-v1-s1-c4-n3x2-64px")
+    assert folder == str(tmp_path / "synthetic-v2-s1-c4-n3x2-64px")
     assert (len(s.train), len(s.test), s.name) == (12, 8, "synthetic")
     assert s.train.classes == syn.class_names(4) == s.test.classes
     assert Counter(s.train.labels) == {c: 3 for c in range(4)}
@@ -63,7 +63,7 @@ def test_layout_counts_labels_and_real_jpegs(tmp_path):
                 im.load()
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
-    assert meta["version"] == 1 and meta["seed"] == 1 and meta["size"] == 64
+    assert meta["version"] == syn.VERSION == 2 and meta["seed"] == 1 and meta["size"] == 64
     assert (meta["num_classes"], meta["train_per_class"], meta["test_per_class"]) == (4, 3, 2)
     assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == []  # no temp left
 
@@ -87,7 +87,7 @@ def test_reuse_does_not_regenerate(tmp_path, monkeypatch):
 def test_default_cache_root_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSYNTH_CACHE", str(tmp_path / "cache"))
     s = syn.synthetic(num_classes=2, train_per_class=1, test_per_class=1, size=32)
-    assert s.train.paths[0].startswith(str(tmp_path / "cache" / "synthetic-v1-s0-c2-n1x1-32px"))
+    assert s.train.paths[0].startswith(str(tmp_path / "cache" / "synthetic-v2-s0-c2-n1x1-32px"))
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):

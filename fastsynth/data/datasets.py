@@ -5,6 +5,7 @@ benchmarks of METHOD.md (aircraft, cub, cars) and a generic `folder` tree need `
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Optional
 
 from . import official
@@ -29,6 +30,15 @@ def build_dataset(name: str, root: Optional[str] = None, download: bool = False,
         # root None -> the user cache ($FASTSYNTH_CACHE or ~/.cache/fastsynth)
         return synthetic(root=root, download=download, seed=seed)
     if root is None:
-        raise DatasetError(f"dataset {name!r} needs --data-root (the folder holding it, or "
-                           f"where --download should put it)")
+        # `python -m fastsynth.train --dataset aircraft` works as written when the data sits in
+        # the default place; anywhere else, --data-root says where.
+        root = default_data_root(name)
+        if not os.path.exists(root) and not download:
+            raise DatasetError(f"dataset {name!r}: nothing at the default location {root}; pass --data-root "
+                               f"DIR (the folder holding it), set $FASTSYNTH_DATA, or add --download")
     return DATASETS[name](root, download=download)
+
+
+def default_data_root(name: str) -> str:
+    """$FASTSYNTH_DATA/<name>, else ./data/<name>."""
+    return os.path.abspath(os.path.join(os.environ.get("FASTSYNTH_DATA", "data"), name))

@@ -4,7 +4,7 @@ is not, generated deterministically from a seed into a cache folder of real JPEG
 Why this design: METHOD.md's premise is that a self-supervised encoder latches onto background
 and global appearance instead of the small discriminative parts of a fine-grained object. So
 every image shows ONE object type (a stylised top-view aircraft), and classes differ ONLY by
-three part-level shape details, each about 5-10 % of the object's area:
+three part-level shape details, each about 8-15 % of the object's area:
   tail  A bar | B swept-back | C forward-swept | D twin end plates | E round
   tip   A disc | B wedge | C block            (markers on both wing tips)
   nose  A band | B cone | C twin dots         (pattern on the forward fuselage)
@@ -12,14 +12,14 @@ Class k is the k-th combination of itertools.product(tails, tips[:m], noses[:m])
 smallest m in 1..3 with 5*m*m >= num_classes: the default 20 classes are the full 5x2x2
 design, so every part choice is shared by several classes and only the combination names one.
 Names look like `c07_tailB_tipB_noseA`.
-Everything else is drawn independently of the class: a random gradient background with 25-45
+Everything else is drawn independently of the class: a random gradient background with 12-24
 random shapes, lines and blobs (some the size and shape of the markers and tails), rotation in
-+-45 deg, object length 50-85 % of the image side, position, body colour, a detail colour
++-30 deg, object length 65-90 % of the image side, position, body colour, a detail colour
 (random, only forced to contrast with the body, so colour never identifies the class), random
 engine pods and wing sweep, then brightness, contrast, colour cast and sensor noise.
 
 Cache layout (`$FASTSYNTH_CACHE` or `~/.cache/fastsynth` when root is None):
-  <root>/synthetic-v1-s{seed}-c{C}-n{train}x{test}-{size}px/
+  <root>/synthetic-v{VERSION}-s{seed}-c{C}-n{train}x{test}-{size}px/
       train/<class_name>/<index:04d>.jpg   test/<class_name>/<index:04d>.jpg   meta.json
 Generation writes into a temporary sibling folder, writes meta.json last and renames the folder
 into place, so an interrupted run never leaves a half set; a folder whose meta.json matches is
@@ -41,9 +41,14 @@ from PIL import Image, ImageDraw
 
 from .base import DatasetError, ImageList, Splits
 
-VERSION = 1
+VERSION = 2
 SPLITS = ("train", "test")  # split_id = position: part of every image's RNG seed
 TAILS, TIPS, NOSES = "ABCDE", "ABC", "ABC"
+CLUTTER = (12, 25)  # number of background shapes, [low, high)
+ROTATION = 30       # object rotation range, degrees either way
+MARKER = 0.18       # wing-tip marker radius in object units
+KINDS = 5           # clutter kinds drawn: 3 = no part-shaped decoys, 5 = with them
+LENGTH = (0.65, 0.9)  # nose-to-tail length as a fraction of the image side
 SS = 3  # draw at 3x and downsample: antialiased edges without per-shape tricks
 Point = Tuple[float, float]
 
@@ -64,6 +69,11 @@ def class_names(num_classes: int) -> List[str]:
 def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 20) -> List[Point]:
     return [(cx + rx * math.cos(2 * math.pi * j / n), cy + ry * math.sin(2 * math.pi * j / n))
             for j in range(n)]
+
+
+def _grow(poly: Sequence[Point], k: float, y0: float) -> List[Point]:
+    """Scale a part by k about (0, y0): the tail is drawn larger than its base outline."""
+    return [(k * x, y0 + k * (y - y0)) for x, y in poly]
 
 
 def _mirror(poly: Sequence[Point]) -> List[Point]:
@@ -89,7 +99,7 @@ def _tail(kind: str) -> List[List[Point]]:
 
 def _tip_marker(kind: str, x: float, y: float) -> List[Point]:
     """One wing-tip marker centred at (x, y); shape, not colour, carries the class."""
-    r = 0.12  # two markers together: 7-9 % of the object's area
+    r = MARKER  # two markers together: about 12 % of the object's area
     if kind == "A":
         return _ellipse(x, y, r, r, 16)
     if kind == "B":  # wedge pointing forward
@@ -123,8 +133,8 @@ def _contrasting(rng: np.random.Generator, ref: Tuple[int, int, int]) -> Tuple[i
 
 def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, side: int) -> None:
     """Random shapes in random colours; the small ones mimic markers and tails on purpose."""
-    for _ in range(int(rng.integers(25, 46))):
-        kind = rng.integers(0, 5)
+    for _ in range(int(rng.integers(*CLUTTER))):
+        kind = rng.integers(0, KINDS)
         cx, cy = rng.uniform(-0.1, 1.1, 2) * side
         r = side * (rng.uniform(0.1, 0.4) if kind < 2 else rng.uniform(0.02, 0.1))
         col = _rand_colour(rng)
@@ -165,8 +175,8 @@ def render(seed: int, split_id: int, c: int, i: int, num_classes: int = 20,
     _clutter(draw, rng, side)
 
     # object pose: unit coordinates -> canvas (scale = half the nose-to-tail length)
-    half = side * rng.uniform(0.5, 0.85) / 2
-    theta = math.radians(rng.uniform(-45, 45))
+    half = side * rng.uniform(*LENGTH) / 2
+    theta = math.radians(rng.uniform(-ROTATION, ROTATION))
     reach = half * 1.15  # wings and tail poke slightly past the unit square once rotated
     cx, cy = rng.uniform(reach, side - reach, 2) if side > 2 * reach else (side / 2, side / 2)
     co, si = math.cos(theta), math.sin(theta)
@@ -178,10 +188,10 @@ def render(seed: int, split_id: int, c: int, i: int, num_classes: int = 20,
     edge = tuple(int(v * 0.45) for v in body) if sum(body) > 300 else \
         tuple(int(v + (255 - v) * 0.55) for v in body)
     detail = _contrasting(rng, body)
-    fw = rng.uniform(0.12, 0.15)     # fuselage half-width (nuisance)
+    fw = rng.uniform(0.15, 0.18)     # fuselage half-width (nuisance)
     sweep = rng.uniform(0.05, 0.3)   # wing sweep (nuisance)
     wing = [(0.0, -0.3), (0.9, -0.05 + sweep), (0.9, 0.17 + sweep), (0.0, 0.2)]
-    parts = [_ellipse(0.0, 0.0, fw, 1.0, 28), wing, _mirror(wing)] + _tail(tail)
+    parts = [_ellipse(0.0, 0.0, fw, 1.0, 28), wing, _mirror(wing)] + [_grow(p, 1.35, 0.8) for p in _tail(tail)]
     if rng.random() < 0.5:           # engine pods, present or not regardless of class
         parts += [_ellipse(s * 0.42, -0.12 + sweep * 0.45, 0.07, 0.16, 12) for s in (-1, 1)]
     # Two passes: wide edge strokes, then plain fills over them, so only the outer half of the
