@@ -40,22 +40,25 @@ class FeatureBank(nn.Module):
         if z.shape[0] > self.size:  # only the newest `size` rows survive anyway
             z = z[-self.size:]
         b = z.shape[0]
-        # Pointer arithmetic on the host: the pointer is a buffer for checkpointing, but reading it
-        # once per update is cheap next to the M x d pass of the reference variance.
-        p = int(self.ptr)
-        rows = (torch.arange(b, device=z.device) + p) % self.size
-        self.bank.index_copy_(0, rows.to(self.bank.device), z)
-        self.ptr.fill_((p + b) % self.size)
-        self.filled.fill_(min(self.size, int(self.filled) + b))
+        # Pointer arithmetic stays on the device: reading the pointer on the host would cost a
+        # device synchronisation every training step.
+        rows = (torch.arange(b, device=self.bank.device) + self.ptr) % self.size
+        self.bank.index_copy_(0, rows, z.to(self.bank.device))
+        self.ptr.copy_((self.ptr + b) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + b, max=self.size))
 
     @torch.no_grad()
     def variance(self) -> torch.Tensor:
-        """Per-dimension variance over the filled rows (dim,); zeros until two rows exist."""
-        n = int(self.filled)
-        if n < 2:
-            return torch.zeros(self.dim, device=self.bank.device)
-        rows = self.bank if n == self.size else self.bank[:n]
-        return rows.var(dim=0)
+        """Per-dimension variance over the filled rows (dim,); zeros until two rows exist.
+
+        Rows fill from 0 upwards, so the filled ones are [0, filled); a mask keeps the
+        computation free of host reads while the bank is still filling.
+        """
+        n = self.filled.to(self.bank.dtype)
+        mask = (torch.arange(self.size, device=self.bank.device) < self.filled).to(self.bank.dtype)[:, None]
+        mean = (self.bank * mask).sum(dim=0) / n.clamp_min(1)
+        var = (((self.bank - mean) * mask) ** 2).sum(dim=0) / (n - 1).clamp_min(1)
+        return torch.where(self.filled >= 2, var, torch.zeros_like(var))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, impl={self.impl!r}"

@@ -68,10 +68,12 @@ class MoCoV2(nn.Module):
     def enqueue(self, k: torch.Tensor) -> None:
         """FIFO: the newest keys overwrite the oldest, wrapping around the end of the queue."""
         n, size = k.shape[0], self.queue.shape[0]
-        p = int(self.queue_ptr)
-        rows = (torch.arange(n, device=k.device) + p) % size
+        if n > size:  # only the newest `size` keys survive anyway
+            k, n = k[-size:], size
+        # The pointer stays on the device: no host synchronisation in the training step.
+        rows = (torch.arange(n, device=k.device) + self.queue_ptr) % size
         self.queue.index_copy_(0, rows, k.to(self.queue.dtype))
-        self.queue_ptr.fill_((p + n) % size)
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": list(self.encoder.parameters()) + list(self.head.parameters()),

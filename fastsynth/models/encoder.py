@@ -66,7 +66,10 @@ def load_weights(enc: Encoder, path: str) -> None:
                 k = k[len(prefix):]
         if not k.startswith("fc."):
             clean[k] = v
-    missing, unexpected = enc.net.load_state_dict(clean, strict=False)
+    try:
+        missing, unexpected = enc.net.load_state_dict(clean, strict=False)
+    except RuntimeError as e:  # shape mismatches: another architecture's weights
+        raise ValueError(f"--weights {path}: does not match {enc.arch}: {' '.join(str(e).split())[:300]}") from None
     if missing or unexpected:
         raise ValueError(f"--weights {path}: does not match {enc.arch}: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
