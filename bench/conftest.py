@@ -23,3 +23,14 @@ def sync(dev: torch.device) -> None:
 @pytest.fixture
 def dev():
     return device()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record the versions that decide the numbers next to pytest-benchmark's CPU info."""
+    machine_info["torch"] = torch.__version__
+    machine_info["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        import triton
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None
