@@ -40,11 +40,11 @@ HELP = {
     "score": "Eq. 3 score: ReLU(-z dL/dz) (grad_x_act) or ReLU(-dL/dz) (grad)",
     "weights": "local ResNet state dict to initialise the encoder (never downloaded)",
     "epochs": "SSL epochs",
-    "lr": "SGD learning rate per 256 images (scaled by batch_size / 256)",
+    "lr": "SGD learning rate per 256 images (scaled by batch_size / 256); default 0.06 MoCo v2, 0.05 SimSiam",
     "warmup_epochs": "decoder warm-up epochs (frozen encoder, MSE, Adam)",
     "max_steps": "stop each training stage after this many steps (smoke runs)",
     "stage": "all = warm-up, SSL, evaluation; or one stage alone",
-    "resume_from": "checkpoint to continue from (decoder for --stage ssl, full model for eval)",
+    "resume_from": "checkpoint a lone stage starts from: warmup.pt for --stage ssl, last.pt for --stage eval",
     "impl": "reference: plain PyTorch path (the fast path arrives with the Triton/DALI work)",
     "sigma_g": "std of the Grad-CAM-guided noise eps_g (Eq. 5)",
     "sigma_v": "std of the low-variance noise eps_v (Eq. 6)",
@@ -152,6 +152,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Per-method defaults, below the preset and the flags. METHOD.md: MoCo v2 lr 0.03 at batch 128
+# (0.06 per 256 images); SimSiam lr 0.05, read in SimSiam's own convention as per 256 images.
+METHOD_DEFAULTS = {"mocov2": {"lr": 0.06}, "simsiam": {"lr": 0.05}}
+
 PRESETS = {
     # METHOD.md "Training settings": ResNet-50 at 224, batch 128, 100 epochs, queue 65536,
     # decoder warm-up 200 epochs. lr 0.03 at batch 128 is 0.06 per 256 images.
@@ -159,7 +163,7 @@ PRESETS = {
     # Fits a 2-core CPU: ResNet-18 at 64 px on the synthetic set. The queue and bank are shorter
     # than the dataset (800 images) so they hold recent, not stale, features; the key encoder
     # moves faster because the run is a few hundred steps long.
-    "quick": dict(arch="resnet18", image_size=64, batch_size=64, epochs=5, lr=0.06,
+    "quick": dict(arch="resnet18", image_size=64, batch_size=64, epochs=5,
                   queue_size=1024, bank_size=512, moco_momentum=0.99, warmup_epochs=20,
                   simsiam_dim=512, decoder_width=128, probe_epochs=100, workers=0, log_every=5),
 }
@@ -193,7 +197,8 @@ def from_args(argv=None, description: str = "fastsynth") -> Config:
     preset = given.get("preset", "quick")
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], "preset": preset, **given}
+    method = given.get("method", Config.method)
+    values = {**METHOD_DEFAULTS.get(method, {}), **PRESETS[preset], "preset": preset, **given}
     if values.get("noise") == "none" and "nu" not in given:
         values["nu"] = 0.0  # METHOD.md: the `none` ablation is MoCo v2 + L_R with nu = 0
     return Config(**values).validate()

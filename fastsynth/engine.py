@@ -18,6 +18,7 @@ from fastsynth.data.loaders import make_loader
 from fastsynth.data.transforms import SSLViews, plain
 from fastsynth.figures import save_triplets
 from fastsynth.model import SynthSSL
+from fastsynth.models import frozen_bn_stats
 
 try:
     from tqdm.auto import tqdm
@@ -47,31 +48,22 @@ def precision(cfg: Config, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-@contextlib.contextmanager
-def _keep_bn_stats(module: torch.nn.Module):
-    """Run a module in train mode (batch statistics) without moving its running statistics."""
-    saved = {k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
-    was_training = module.training
-    module.train()
-    try:
-        yield
-    finally:
-        module.load_state_dict(saved, strict=False)
-        module.train(was_training)
-
-
 @torch.no_grad()
 def _frozen_features(model: SynthSSL, splits: Splits, cfg: Config, device: torch.device):
     """z = f(x) of every plain training image, once: the encoder is frozen during warm-up, so
-    the 200 warm-up epochs need one encoder pass, not 200. Batch statistics as in SSL training."""
-    loader = make_loader(splits.train, plain(cfg.image_size), cfg.batch_size, shuffle=False,
-                         drop_last=False, workers=cfg.workers, seed=cfg.seed)
+    the 200 warm-up epochs need one encoder pass, not 200. Batch statistics as in SSL training:
+    shuffled full batches, so a class-ordered file list does not give class-pure batches."""
+    loader = make_loader(splits.train, plain(cfg.image_size), cfg.batch_size, shuffle=True,
+                         drop_last=len(splits.train) > cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
     feats, images = [], []
-    with _keep_bn_stats(model.encoder):
+    was_training = model.encoder.training
+    model.encoder.train()
+    with frozen_bn_stats(model.encoder):
         for x, _, _ in tqdm(loader, desc="warm-up: encoding", leave=False):
             x = x.to(device, non_blocking=True)
             feats.append(model.encoder(x).float().cpu())
             images.append(x.half().cpu())  # float16 halves the host memory of the cached targets
+    model.encoder.train(was_training)
     return torch.cat(feats), torch.cat(images)
 
 

@@ -33,7 +33,12 @@ def _load_stage_inputs(model, cfg, run) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--stage ssl with --synth on needs the warm-up decoder: {path} does not exist "
                                     "(run --stage warmup first, or pass --resume-from)")
-        model.synth.decoder.load_state_dict(checkpoint.load(path)["decoder"])
+        ckpt = checkpoint.load(path)
+        if "decoder" not in ckpt:
+            raise checkpoint.CheckpointError(
+                f"{path} is a {ckpt.get('stage')!r} checkpoint, not a decoder warm-up (warmup.pt); continuing an "
+                "interrupted SSL run is not supported yet")
+        model.synth.decoder.load_state_dict(ckpt["decoder"])
         print(f"loaded warm-up decoder from {path}")
     if cfg.stage == "eval":
         path = cfg.resume_from or run.file("last.pt")
@@ -73,10 +78,12 @@ def run(cfg) -> dict:
         results.update(train_ssl(model, splits, cfg, run_dir, device))
     if cfg.stage in ("all", "eval"):
         table = {"trained": evaluate_encoder(model.encoder, splits, cfg, device, "trained: ")}
-        # The same architecture at its initialisation (same seed): what training must beat.
+        # The encoder before SSL (same seed): what training must beat. With --weights that is
+        # the loaded initialisation, so the row is named for what it is.
         seed_everything(cfg.seed)
         fresh = SynthSSL(cfg).encoder.to(device)
-        table["random_init"] = evaluate_encoder(fresh, splits, cfg, device, "random init: ")
+        name = "init_weights" if cfg.weights else "random_init"
+        table[name] = evaluate_encoder(fresh, splits, cfg, device, f"{name}: ")
         results["metrics"] = table
         print(format_table(table))
     results["seconds"] = round(time.time() - t0, 1)

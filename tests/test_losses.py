@@ -27,10 +27,9 @@ def test_nt_xent_matches_loop():
 def test_simsiam_loss_formula_and_stop_gradient():
     g = torch.Generator().manual_seed(2)
     p1, p2, z1, z2 = (torch.randn(6, 4, generator=g, requires_grad=True) for _ in range(4))
-    expected = -0.5 * (sum(float(F.cosine_similarity(p1[i:i+1].double(), z2[i:i+1].double()))
-                           for i in range(6)) / 6
-                       + sum(float(F.cosine_similarity(p2[i:i+1].double(), z1[i:i+1].double()))
-                             for i in range(6)) / 6)
+    d1, d2, e1, e2 = (t.detach().double() for t in (p1, p2, z1, z2))
+    expected = -0.5 * (sum(float(F.cosine_similarity(d1[i:i+1], e2[i:i+1])) for i in range(6)) / 6
+                       + sum(float(F.cosine_similarity(d2[i:i+1], e1[i:i+1])) for i in range(6)) / 6)
     loss = losses.simsiam_loss(p1, p2, z1, z2)
     assert abs(loss.item() - expected) < 1e-6
     loss.backward()
@@ -77,6 +76,12 @@ def test_simsiam_score_runs_through_head_only():
     ss = SimSiam(arch="resnet18", dim=32)
     synth = SynthPairs(ss.feat_dim, 32, bank_size=16)
     z = torch.rand(4, ss.feat_dim)
-    s = synth.scores(ss, z, {"target": torch.randn(4, 32)})
-    assert s.shape == z.shape and (s >= 0).all()
-    assert all(p.grad is None for p in ss.encoder.parameters())
+    target = torch.randn(4, 32)
+    stats = {k: v.clone() for k, v in ss.state_dict().items() if "running" in k}
+    s = synth.scores(ss, z, {"target": target})
+    assert all(p.grad is None for p in ss.parameters())          # no gradient leaks into weights
+    assert all(torch.equal(v, ss.state_dict()[k]) for k, v in stats.items())  # nor into BN stats
+    zz = z.clone().requires_grad_(True)
+    (-F.cosine_similarity(ss.predictor(ss.head(zz)), target, dim=1).mean()).backward()
+    torch.testing.assert_close(s, F.relu(-z * zz.grad))
+    assert (s > 0).any()

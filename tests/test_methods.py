@@ -77,3 +77,38 @@ def test_synth_off_and_noise_none():
     loss, parts, _, out = none(x, x, x, seed=0)
     assert out["x_tilde"] is None and parts["l_cp"].item() == 0
     torch.testing.assert_close(loss, parts["l_c"] + parts["l_r"])
+
+
+def test_gradient_paths_of_eq8():
+    """L_R reaches encoder and decoder; L_Cp reaches the encoder but not the decoder, whose
+    outputs x_hat and x_tilde enter Eq. 7 detached (Sec. 3.5)."""
+    torch.manual_seed(0)
+    model = SynthSSL(_tiny_cfg())
+    x = torch.randn(8, 3, 32, 32)
+    _, parts, ctx, out = model(x, x, x, seed=0)
+    assert not out["x_hat"].requires_grad and not out["x_tilde"].requires_grad
+    dec = list(model.synth.decoder.parameters())
+    enc = list(model.encoder.parameters())
+    g_cp = torch.autograd.grad(parts["l_cp"], dec + enc, allow_unused=True)
+    assert all(g is None for g in g_cp[:len(dec)])
+    assert any(g is not None and g.abs().sum() > 0 for g in g_cp[len(dec):])
+    g_r = torch.autograd.grad(parts["l_r"], dec + enc, allow_unused=True)
+    assert all(g is not None for g in g_r[:len(dec)])
+    assert any(g is not None and g.abs().sum() > 0 for g in g_r[len(dec):])
+
+
+def test_cosine_schedule_keeps_simsiam_predictor_lr():
+    from fastsynth.engine import _cosine
+    from fastsynth.methods import SimSiam
+    torch.manual_seed(0)
+    ss = SimSiam(arch="resnet18", dim=32)
+    opt = torch.optim.SGD(ss.param_groups(0.1, 1e-4), lr=0.1)
+    _cosine(opt, 0.1, step=5, total=10)
+    assert abs(opt.param_groups[0]["lr"] - 0.05) < 1e-12 and opt.param_groups[1]["lr"] == 0.1
+
+
+def test_config_method_defaults_and_noise_none():
+    from fastsynth.config import from_args
+    assert from_args([]).lr == 0.06 and from_args(["--method", "simsiam"]).lr == 0.05
+    assert from_args(["--method", "simsiam", "--lr", "0.2"]).lr == 0.2
+    assert from_args(["--noise", "none"]).nu == 0.0 and from_args(["--noise", "none", "--nu", "0.3"]).nu == 0.3

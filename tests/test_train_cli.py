@@ -64,6 +64,8 @@ def test_stages_run_alone(tiny_root, tiny_run, tmp_path):
     assert train.main([*args, "--stage", "ssl"]) == 0
     assert os.path.isfile(os.path.join(out, "last.pt"))
     assert train.main([*args, "--stage", "eval", "--probe-fractions", "1.0"]) == 0
+    # A trained model is not a warm-up decoder: a clear error, not a KeyError.
+    assert train.main([*args, "--stage", "ssl", "--resume-from", os.path.join(out, "last.pt")]) == 2
     final = json.load(open(os.path.join(out, "final_metrics.json")))
     assert "metrics" in final and "ssl_steps" not in final
 
@@ -75,6 +77,7 @@ def test_stages_run_alone(tiny_root, tiny_run, tmp_path):
     (["--noise", "loud"], "invalid choice"),
     (["--batch-size", "1"], "--batch-size"),
     (["--stage", "eval", "--resume-from", "/nonexistent.pt"], "/nonexistent.pt"),
+    (["--stage", "ssl", "--resume-from", "/nonexistent.pt"], "/nonexistent.pt"),
 ])
 def test_bad_input_is_one_clear_line(argv, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastsynth.train", "--output-dir", str(tmp_path), *argv],

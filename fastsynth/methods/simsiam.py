@@ -23,12 +23,10 @@ class SimSiam(nn.Module):
     def feat_dim(self) -> int:
         return self.encoder.dim
 
-    def _pair(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # One encoder pass over both views: the same batch statistics for both, half the launches.
-        z = self.head(self.encoder(torch.cat([a, b], dim=0)))
-        p = self.predictor(z)
-        z1, z2 = z.chunk(2)
-        p1, p2 = p.chunk(2)
+    def _pair(self, a: torch.Tensor, b: torch.Tensor):
+        # One pass per view, as SimSiam does: each view normalised by its own batch statistics.
+        z1, z2 = self.head(self.encoder(a)), self.head(self.encoder(b))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
         return losses.simsiam_loss(p1, p2, z1, z2), z2
 
     def ssl_loss(self, x1: torch.Tensor, x2: torch.Tensor):

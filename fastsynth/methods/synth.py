@@ -12,7 +12,7 @@ from torch import nn
 
 from fastsynth import losses
 from fastsynth.kernels import FeatureBank, dual_noise
-from fastsynth.models import Decoder
+from fastsynth.models import Decoder, frozen_bn_stats
 
 NOISES = ("both", "gradcam", "lowvar", "random", "none")
 
@@ -31,11 +31,15 @@ class SynthPairs(nn.Module):
         self.kernel_impl = kernel_impl
 
     def scores(self, method: nn.Module, z: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """Eq. 3: dL/dz through the head only (z is a leaf cut from the encoder), then s."""
-        with torch.enable_grad():
-            zl = z.detach().requires_grad_(True)
+        """Eq. 3: dL/dz through the head only (z is a leaf cut from the encoder), then s.
+
+        The leaf is float32 so that under float16 autocast the small, unscaled gradient
+        (about 1 / (tau B)) does not underflow to an all-zero score row.
+        """
+        with torch.enable_grad(), frozen_bn_stats(method):
+            zl = z.detach().float().requires_grad_(True)
             (grad,) = torch.autograd.grad(method.score_loss(zl, ctx), zl)
-        return losses.gradcam_scores(z.detach(), grad.to(z.dtype), self.score)
+        return losses.gradcam_scores(zl.detach(), grad, self.score)
 
     def perturb(self, method: nn.Module, z: torch.Tensor, ctx: dict, seed: int) -> torch.Tensor:
         """z_tilde = z + eps_g + eps_v (Sec. 3.5) for the chosen ablation.
@@ -66,7 +70,7 @@ class SynthPairs(nn.Module):
         if self.noise == "none":
             return out
         z_tilde = self.perturb(method, z, ctx, seed)
-        with torch.no_grad():  # Sec. 3.5: synthesized images are detached inputs
+        with torch.no_grad(), frozen_bn_stats(self.decoder):  # Sec. 3.5: detached inputs
             out["x_tilde"] = self.decoder(z_tilde)
         out["l_cp"] = method.pair_loss(out["x_hat"], out["x_tilde"])
         return out

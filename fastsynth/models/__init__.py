@@ -3,3 +3,4 @@ from .encoder import ARCHS, build_encoder, load_weights
 from .heads import MoCoHead, SimSiamProjector, SimSiamPredictor
 from .decoder import Decoder
 from .momentum import momentum_copy, momentum_update
+from .bn import frozen_bn_stats
