@@ -125,7 +125,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     step, epoch_means = 0, {}
     model.train()
     for epoch in range(cfg.epochs):
-        sums, count, last = {}, 0, None
+        sums, count, last = {}, 0, None  # last: (x, x_hat, x_tilde) of the newest batch
         bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
         for (x1, x2, x), _, _ in bar:
             x1, x2, x = (t.to(device, non_blocking=True) for t in (x1, x2, x))
@@ -151,7 +151,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             count, step = count + 1, step + 1
-            last = (x, out)
+            if out is not None and out["x_tilde"] is not None:  # what the figure needs, no graph
+                last = (x, out["x_hat"], out["x_tilde"])
             if step % cfg.log_every == 0 and hasattr(bar, "set_postfix"):
                 bar.set_postfix({k: f"{(v / count).item():.3f}" for k, v in sums.items()})
             if step >= total_steps:
@@ -159,8 +160,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         epoch_means = {k: (v / count).item() for k, v in sums.items()}
         run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"], **epoch_means})
         save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, step)
-        if last and last[1] is not None and last[1]["x_tilde"] is not None:
-            save_triplets(last[0], last[1]["x_hat"], last[1]["x_tilde"], run.file("triplets.png"))
+        if last is not None:
+            save_triplets(*last, run.file("triplets.png"))
         if step >= total_steps:
             break
     return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step}
