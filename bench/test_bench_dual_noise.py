@@ -1,8 +1,8 @@
 """Dual noise (Eq. 4-6) at the paper's sizes: B = 128, d = 2048, plus one larger batch."""
+import importlib
+
 import pytest
 import torch
-
-import importlib
 
 mod = importlib.import_module("fastsynth.kernels.dual_noise")  # the package re-exports a function of the same name
 

@@ -1,8 +1,8 @@
 """Feature bank update + variance (Sec. 3.4): batch 128 into a bank of 4096 x 2048."""
+import importlib
+
 import pytest
 import torch
-
-import importlib
 
 mod = importlib.import_module("fastsynth.kernels.feature_bank")  # the package re-exports a function of the same name
 from fastsynth.kernels import FeatureBank

@@ -1,9 +1,9 @@
 """InfoNCE with queue (Eq. 1) at the paper's sizes: N = 128, C = 128, K = 65536."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-import importlib
 
 mod = importlib.import_module("fastsynth.kernels.info_nce")  # the package re-exports a function of the same name
 

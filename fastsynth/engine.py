@@ -19,12 +19,7 @@ from fastsynth.data.transforms import SSLViews, plain
 from fastsynth.figures import save_triplets
 from fastsynth.model import SynthSSL
 from fastsynth.models import frozen_bn_stats
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # tqdm is a dependency; degrade to no bars rather than fail
-    def tqdm(it=None, **_):
-        return it
+from fastsynth.progress import tqdm
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,11 +19,7 @@ from fastsynth.data.base import ImageList, Splits
 from fastsynth.data.loaders import make_loader
 from fastsynth.data.transforms import evaluation
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:
-    def tqdm(it=None, **_):
-        return it
+from fastsynth.progress import tqdm
 
 
 @torch.no_grad()

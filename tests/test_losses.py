@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from fastsynth import losses
-from fastsynth.config import Config
 from fastsynth.methods import MoCoV2, SimSiam, SynthPairs
 
 
