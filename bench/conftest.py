@@ -1,23 +1,10 @@
-"""Shared helpers for the benchmark suites: which impls exist here, and device sync."""
+"""Fixtures and the machine record of the benchmark suites; plain helpers are in benchutil.py."""
+import datetime
+
 import pytest
 import torch
 
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def impls(module) -> list[str]:
-    """The reference always; the Triton kernel where it exists and a GPU is present."""
-    out = ["torch"]
-    if getattr(module, "HAS_TRITON_KERNEL", False) and torch.cuda.is_available():
-        out.append("triton")
-    return out
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+from benchutil import device
 
 
 @pytest.fixture
@@ -26,8 +13,10 @@ def dev():
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    """Record the versions that decide the numbers next to pytest-benchmark's CPU info."""
+    """Record what decides the numbers next to pytest-benchmark's CPU info: GPU and versions."""
+    machine_info["date"] = datetime.date.today().isoformat()
     machine_info["torch"] = torch.__version__
+    machine_info["cuda"] = torch.version.cuda
     machine_info["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:
         import triton

@@ -24,7 +24,7 @@ CHOICES = {
     "noise": ("both", "gradcam", "lowvar", "random", "none"),
     "score": ("grad_x_act", "grad"),
     "stage": ("all", "warmup", "ssl", "eval"),
-    "impl": ("reference",),
+    "impl": ("reference", "fast"),
     "arch": ("resnet18", "resnet34", "resnet50"),
     "amp_dtype": ("auto", "bfloat16", "float16"),
 }
@@ -45,7 +45,7 @@ HELP = {
     "max_steps": "stop each training stage after this many steps (smoke runs)",
     "stage": "all = warm-up, SSL, evaluation; or one stage alone",
     "resume_from": "checkpoint a lone stage starts from: warmup.pt for --stage ssl, last.pt for --stage eval",
-    "impl": "reference: plain PyTorch path (the fast path arrives with the Triton/DALI work)",
+    "impl": "reference: plain PyTorch ops everywhere; fast: the Triton kernels (InfoNCE, dual noise, bank statistics) on a GPU, their references elsewhere",
     "sigma_g": "std of the Grad-CAM-guided noise eps_g (Eq. 5)",
     "sigma_v": "std of the low-variance noise eps_v (Eq. 6)",
     "lam": "lambda, threshold on v_bar for low-variance dims (Sec. 3.4)",

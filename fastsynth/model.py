@@ -14,9 +14,12 @@ from fastsynth.methods import METHODS, SynthPairs
 
 
 class SynthSSL(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, kernel_impl: str | None = None):
+        """kernel_impl overrides the kernels' `impl=` choice that cfg.impl implies (tests, benchmarks)."""
         super().__init__()
-        kernel_impl = "torch"  # the reference path; the fast path picks "auto" (Triton issue)
+        # reference: plain PyTorch ops; fast: Triton kernels on CUDA tensors, references elsewhere.
+        if kernel_impl is None:
+            kernel_impl = "torch" if cfg.impl == "reference" else "auto"
         if cfg.method not in METHODS:
             raise ValueError(f"method {cfg.method!r}: choose one of {', '.join(METHODS)}")
         dim = cfg.moco_dim if cfg.method == "mocov2" else cfg.simsiam_dim

@@ -1,20 +1,63 @@
-"""The one rule for `impl=` choices, shared by every kernel file."""
+"""The one rule for `impl=` choices, shared by every kernel file, and Triton availability."""
 from __future__ import annotations
 
+import os
+
+import torch
+
 IMPLS = ("auto", "triton", "torch")
+
+try:  # Triton ships with Linux torch wheels; elsewhere the reference path still works.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = None
+    HAS_TRITON = False
+
+# Under TRITON_INTERPRET=1 (read by triton.jit when a kernel is defined) kernels run on CPU tensors
+# through Triton's NumPy simulation: correct for float32/float16, used by the CPU test suite.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_impl(impl: str, device_type: str, has_triton_kernel: bool) -> str:
     """Return "triton" or "torch" for an `impl` request on a device.
 
-    auto = Triton on CUDA tensors when the kernel exists, the reference elsewhere.
+    auto = Triton on CUDA tensors when the kernel exists, the reference elsewhere. An explicit
+    "triton" on CPU tensors is honoured only under the interpreter (tests), never silently.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "triton" if (device_type == "cuda" and has_triton_kernel) else "torch"
-    if impl == "triton" and not has_triton_kernel:
-        raise NotImplementedError(
-            "impl='triton' was asked for, but this operation has no Triton kernel yet; "
-            "use impl='torch' (the reference) or impl='auto'")
+        return "triton" if (device_type == "cuda" and has_triton_kernel and HAS_TRITON) else "torch"
+    if impl == "triton":
+        if not (has_triton_kernel and HAS_TRITON):
+            raise NotImplementedError(
+                "impl='triton' was asked for, but Triton is not importable here; "
+                "use impl='torch' (the reference) or impl='auto'")
+        if device_type != "cuda" and not INTERPRET:
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors, got {device_type} tensors; use impl='auto' or 'torch', "
+                "or set TRITON_INTERPRET=1 before importing fastsynth to simulate the kernels on the CPU")
     return impl
+
+
+def skip_launch(*tensors: torch.Tensor) -> bool:
+    """True while torch.compile propagates fake tensors through an interpreted kernel.
+
+    On a GPU, `wrap_triton` turns a launch into a graph node and fake tensors never reach
+    Triton. The interpreter's kernels are plain Python that `wrap_triton` passes through, and
+    they would read the fake tensors' (absent) data; the launcher's outputs only need their
+    shapes then, and the real launch happens when the compiled graph runs.
+    """
+    if not INTERPRET:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return any(is_fake(t) for t in tensors)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill; a small fixed number under the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

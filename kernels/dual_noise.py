@@ -9,10 +9,13 @@ discriminative content and changes the rest.
 from __future__ import annotations
 
 import torch
+from torch.library import wrap_triton
 
-from ._dispatch import resolve_impl
+from ._dispatch import HAS_TRITON, resolve_impl, skip_launch, tl, triton
 
-HAS_TRITON_KERNEL = False  # the fused Philox kernel arrives with the Triton issue
+HAS_TRITON_KERNEL = HAS_TRITON
+MAX_SINGLE_BLOCK = 4096  # rows up to this width are normalised and perturbed from registers
+TUNING = {"num_warps": None}  # None: 4 warps up to 1024 columns, else 8; bench/gpu_bench.py sweeps it
 
 
 def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -36,10 +39,7 @@ def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, 
     same output. Memory traffic: reads z, s (2 B d) and v_bar (d), writes z_tilde (B d), plus the
     two normal draws and temporaries the fused kernel keeps in registers.
     """
-    if z.dim() != 2 or s.shape != z.shape:
-        raise ValueError(f"dual_noise: z and s must both be B x d, got {tuple(z.shape)} and {tuple(s.shape)}")
-    if v_bar.shape != (z.shape[1],):
-        raise ValueError(f"dual_noise: v_bar must have shape ({z.shape[1]},), got {tuple(v_bar.shape)}")
+    _check(z, s, v_bar)
     gen = torch.Generator(device=z.device)
     gen.manual_seed(int(seed))
     zf = z.float()
@@ -53,10 +53,127 @@ def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, 
     return (zf + eps_g + eps_v).to(z.dtype)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel: one program per row, one read of z and s, one write, noise from in-kernel Philox
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    @triton.jit
+    def _box_muller(seed, offs):
+        """Two independent N(0, 1) draws per element from one Philox counter (seed, offs).
+
+        The top 24 bits of each 32-bit word map to the open interval (0, 1), so log(u1) is
+        finite; |n| is then bounded by sqrt(2 * 24 ln 2) ~ 5.8, far beyond what the tests see.
+        """
+        r1, r2, _, _ = tl.randint4x(seed, offs)
+        u1 = ((r1 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u2 = ((r2 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        rad = tl.sqrt(-2.0 * tl.log(u1))
+        theta = 6.283185307179586 * u2
+        return rad * tl.cos(theta), rad * tl.sin(theta)
+
+    @triton.jit
+    def _span_inv(lo, hi):
+        """1 / (max - min), or 0 for a constant row: s_hat = 0, matching minmax()."""
+        span = hi - lo
+        return tl.where(span > 0, 1.0 / tl.where(span > 0, span, 1.0), 0.0)
+
+    @triton.jit
+    def _dual_noise_kernel(z_ptr, s_ptr, v_ptr, out_ptr, D,
+                           stride_zb, stride_zd, stride_sb, stride_sd, stride_v, stride_ob,
+                           sigma_g, sigma_v, lam, seed,
+                           BLOCK_D: tl.constexpr, SINGLE: tl.constexpr):
+        row = tl.program_id(0)
+        z_row = z_ptr + row.to(tl.int64) * stride_zb
+        s_row = s_ptr + row.to(tl.int64) * stride_sb
+        o_row = out_ptr + row.to(tl.int64) * stride_ob
+        cols = tl.arange(0, BLOCK_D)
+        if SINGLE:
+            m = cols < D
+            s = tl.load(s_row + cols * stride_sd, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + cols * stride_v, mask=m, other=0.0).to(tl.float32)
+            s_lo = tl.min(tl.where(m, s, float("inf")), axis=0)
+            s_hi = tl.max(tl.where(m, s, float("-inf")), axis=0)
+            v_lo = tl.min(tl.where(m, v, float("inf")), axis=0)
+            v_hi = tl.max(tl.where(m, v, float("-inf")), axis=0)
+        else:
+            s_lo_v = tl.full([BLOCK_D], float("inf"), tl.float32)
+            s_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
+            v_lo_v = tl.full([BLOCK_D], float("inf"), tl.float32)
+            v_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                c = d0 + cols
+                m = c < D
+                s = tl.load(s_row + c * stride_sd, mask=m, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + c * stride_v, mask=m, other=0.0).to(tl.float32)
+                s_lo_v = tl.minimum(s_lo_v, tl.where(m, s, float("inf")))
+                s_hi_v = tl.maximum(s_hi_v, tl.where(m, s, float("-inf")))
+                v_lo_v = tl.minimum(v_lo_v, tl.where(m, v, float("inf")))
+                v_hi_v = tl.maximum(v_hi_v, tl.where(m, v, float("-inf")))
+            s_lo = tl.min(s_lo_v, axis=0)
+            s_hi = tl.max(s_hi_v, axis=0)
+            v_lo = tl.min(v_lo_v, axis=0)
+            v_hi = tl.max(v_hi_v, axis=0)
+        s_inv = _span_inv(s_lo, s_hi)
+        v_inv = _span_inv(v_lo, v_hi)
+
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            m = c < D
+            if SINGLE:
+                sc = s
+                vc = v
+            else:  # wide rows: the second sweep re-reads s and v_bar (cache hits)
+                sc = tl.load(s_row + c * stride_sd, mask=m, other=0.0).to(tl.float32)
+                vc = tl.load(v_ptr + c * stride_v, mask=m, other=0.0).to(tl.float32)
+            z = tl.load(z_row + c * stride_zd, mask=m, other=0.0)
+            # Counter = flat element index: the same seed gives the same noise for any block size.
+            n1, n2 = _box_muller(seed, row * D + c)
+            eps_g = sigma_g * (1.0 - (sc - s_lo) * s_inv) * n1                        # Eq. 5
+            eps_v = tl.where(vc < lam, sigma_v * (1.0 - (vc - v_lo) * v_inv) * n2, 0.0)  # Eq. 6
+            out = z.to(tl.float32) + eps_g + eps_v
+            tl.store(o_row + c, out.to(out_ptr.dtype.element_ty), mask=m)
+
+    @torch.library.triton_op("fastsynth::dual_noise_fused", mutates_args=())
+    def _dual_noise_fused(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float,
+                          sigma_v: float, lam: float, seed: int) -> torch.Tensor:
+        b, d = z.shape
+        out = torch.empty((b, d), device=z.device, dtype=z.dtype)
+        if b == 0 or skip_launch(z, s, v_bar):
+            return out
+        block = min(triton.next_power_of_2(d), MAX_SINGLE_BLOCK)
+        wrap_triton(_dual_noise_kernel)[(b,)](
+            z, s, v_bar, out, d,
+            z.stride(0), z.stride(1), s.stride(0), s.stride(1), v_bar.stride(0), out.stride(0),
+            sigma_g, sigma_v, lam, seed,
+            BLOCK_D=block, SINGLE=d <= block,
+            num_warps=TUNING["num_warps"] or (4 if block <= 1024 else 8))
+        return out
+
+
 def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
                lam: float, seed: int, impl: str = "auto") -> torch.Tensor:
-    """z_tilde of Sec. 3.5 (Eq. 4-6); no gradient flows (the synthesized images are detached)."""
-    if resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL) == "torch":
-        with torch.no_grad():
+    """z_tilde of Sec. 3.5 (Eq. 4-6); no gradient flows (the synthesized images are detached).
+
+    impl="triton": one launch, noise from Philox keyed by (seed, element index); a different
+    random stream from the reference's torch.Generator, with the same distribution.
+    """
+    path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL)
+    _check(z, s, v_bar)
+    with torch.no_grad():
+        if path == "torch":
             return dual_noise_reference(z, s, v_bar, sigma_g, sigma_v, lam, seed)
-    raise AssertionError("unreachable: resolve_impl refuses triton without a kernel")
+        if not (z.device == s.device == v_bar.device):
+            raise ValueError(f"dual_noise: z, s, v_bar on different devices ({z.device}, {s.device}, {v_bar.device})")
+        if z.shape[0] * z.shape[1] >= 2 ** 31:
+            raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
+        seed = int(seed) % (2 ** 63)  # Philox keys are 64-bit; negative seeds wrap like torch's
+        return torch.ops.fastsynth.dual_noise_fused(z.detach(), s.detach(), v_bar.detach(), float(sigma_g),
+                                                    float(sigma_v), float(lam), seed)
+
+
+def _check(z, s, v_bar):
+    if z.dim() != 2 or s.shape != z.shape:
+        raise ValueError(f"dual_noise: z and s must both be B x d, got {tuple(z.shape)} and {tuple(s.shape)}")
+    if v_bar.shape != (z.shape[1],):
+        raise ValueError(f"dual_noise: v_bar must have shape ({z.shape[1]},), got {tuple(v_bar.shape)}")

@@ -2,23 +2,38 @@
 
 loss = mean_i [ logsumexp_j(l_ij) - l_i0 ],  l_i0 = q_i . k_i / tau,  l_ij = q_i . queue_j / tau.
 Only q receives a gradient: in MoCo the keys come from the momentum encoder and the queue holds
-past keys, both constants for the step.
+past keys, both constants for the step. Hence
+
+    dL/dq_i = ( sum_j p_ij key_j - k_i ) / (tau N),   p_i = softmax_j(l_ij), key_0 = k_i,
+
+which the fused forward produces in the same sweep over the queue (FlashAttention's forward with
+V = K); backward only scales it by the incoming gradient.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.library import wrap_triton
 
-from ._dispatch import resolve_impl
+from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton
 
-HAS_TRITON_KERNEL = False  # the fused kernel arrives with the Triton issue
+HAS_TRITON_KERNEL = HAS_TRITON
+MAX_C = 256  # a q row block and its accumulator live in registers
+# Launch configuration for C <= 128 (wider rows halve block_k and use 8 warps). programs_per_sm
+# sets how many (row block, queue split) programs share the GPU: more splits keep more SMs busy
+# but write more partial states (S x N x C floats). bench/gpu_bench.py sweeps these on a GPU.
+TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1}
 
 
+# ---------------------------------------------------------------------------------------------
+# 1. Reference
+# ---------------------------------------------------------------------------------------------
 def info_nce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
     """Plain PyTorch InfoNCE; q, k: N x C (unit norm), queue: K x C. Returns a float32 scalar.
 
-    Memory traffic: reads q, k (2 N C) and queue (K C), materialises the N x (K + 1) logits
-    (written and read again by cross_entropy); the fused kernel's job is to avoid that matrix.
+    Memory traffic: reads q, k (2 N C) and queue (K C, then a float32 copy of it), materialises
+    the N x (K + 1) logits (written and read again by cross_entropy, and again in backward);
+    the fused kernel's job is to avoid that matrix.
     """
     _check(q, k, queue)
     k = k.detach()
@@ -33,11 +48,190 @@ def info_nce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, ta
     return F.cross_entropy(logits, target)
 
 
+# ---------------------------------------------------------------------------------------------
+# 2. Triton kernels
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    @triton.jit
+    def _info_nce_split_kernel(q_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
+                               N, K, C, chunk,
+                               stride_qn, stride_qc, stride_un, stride_uc,
+                               scale,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                               NEED_GRAD: tl.constexpr, IEEE: tl.constexpr):
+        """One (row block, queue chunk): online max / sum / p-weighted queue sum over the chunk.
+
+        Logits are kept in log2 units (scale = log2(e) / tau) so exp2 replaces exp. Partial
+        states go to m, l: S x N and acc: S x N x C (float32), merged by the next kernel.
+        """
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_C)
+        rmask = rows < N
+        cmask = cols < C
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qc,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        start = pid_s * chunk
+        end = tl.minimum(start + chunk, K)
+        for j0 in range(start, end, BLOCK_K):
+            keys = j0 + tl.arange(0, BLOCK_K)
+            kmask = keys < end
+            t = tl.load(u_ptr + keys[:, None] * stride_un + cols[None, :] * stride_uc,
+                        mask=kmask[:, None] & cmask[None, :], other=0.0)          # BLOCK_K x BLOCK_C
+            t = t.to(q.dtype)  # a float32 queue under bf16 autocast: the dots run in q's dtype
+            if IEEE:
+                s = tl.dot(q, tl.trans(t), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(t))
+            s = tl.where(kmask[None, :], s * scale, float("-inf"))                # BLOCK_N x BLOCK_K
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))                            # finite: >= 1 key
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if NEED_GRAD:
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p, t, input_precision="ieee")
+                else:
+                    # Half-precision p for the tensor cores, as FlashAttention does; acc stays fp32.
+                    acc = acc * alpha[:, None] + tl.dot(p.to(t.dtype), t)
+            m_i = m_new
+
+        base = pid_s * N + rows
+        tl.store(m_ptr + base, m_i, mask=rmask)
+        tl.store(l_ptr + base, l_i, mask=rmask)
+        if NEED_GRAD:
+            tl.store(acc_ptr + base[:, None] * C + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _info_nce_merge_kernel(q_ptr, k_ptr, m_ptr, l_ptr, acc_ptr, loss_ptr, grad_ptr,
+                               N, C, S,
+                               stride_qn, stride_qc, stride_kn, stride_kc,
+                               scale, grad_scale,
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NEED_GRAD: tl.constexpr):
+        """Merge the S partial states with the positive logit; per-row loss and dL/dq."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_C)
+        rmask = rows < N
+        mask2 = rmask[:, None] & (cols < C)[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qc, mask=mask2, other=0.0)
+        kk = tl.load(k_ptr + rows[:, None] * stride_kn + cols[None, :] * stride_kc, mask=mask2, other=0.0)
+        kk = kk.to(tl.float32)
+        pos = tl.sum(q.to(tl.float32) * kk, axis=1) * scale                       # l_i0, log2 units
+
+        # The positive logit starts the running state: weight 1 at max = pos.
+        m_i = pos
+        l_i = tl.full([BLOCK_N], 1.0, tl.float32)
+        acc = kk
+        for s in range(0, S):
+            off = s * N + rows
+            m_s = tl.load(m_ptr + off, mask=rmask, other=0.0)
+            l_s = tl.load(l_ptr + off, mask=rmask, other=0.0)
+            m_new = tl.maximum(m_i, m_s)
+            a = tl.exp2(m_i - m_new)
+            b = tl.exp2(m_s - m_new)
+            l_i = l_i * a + l_s * b
+            if NEED_GRAD:
+                acc_s = tl.load(acc_ptr + off[:, None] * C + cols[None, :], mask=mask2, other=0.0)
+                acc = acc * a[:, None] + acc_s * b[:, None]
+            m_i = m_new
+
+        loss = (m_i + tl.log2(l_i) - pos) * 0.6931471805599453                   # (lse - l_i0), ln 2 units
+        tl.store(loss_ptr + rows, loss, mask=rmask)
+        if NEED_GRAD:
+            grad = (acc / l_i[:, None] - kk) * grad_scale
+            tl.store(grad_ptr + rows[:, None] * C + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Launcher
+# ---------------------------------------------------------------------------------------------
+def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, need_grad: bool):
+    n, c = q.shape
+    kq = queue.shape[0]
+    block_c = max(16, triton.next_power_of_2(c))
+    block_n = max(16, min(TUNING["block_n"], triton.next_power_of_2(n)))
+    block_k = TUNING["block_k"] if block_c <= 128 else min(TUNING["block_k"], 32)
+    warps = TUNING["num_warps"] if block_c <= 128 else 8
+    ieee = q.dtype == torch.float32  # float32 in, float32 exactness out: no TF32 shortcut
+    # Split the queue so that row blocks x splits fill the GPU (in whole waves): more splits only
+    # add partial states to write and merge.
+    row_blocks = triton.cdiv(n, block_n)
+    max_splits = triton.cdiv(kq, block_k)
+    splits = max(1, min(max_splits, (num_sms(q.device) * TUNING["programs_per_sm"]) // row_blocks))
+    chunk = triton.cdiv(triton.cdiv(kq, splits), block_k) * block_k
+    splits = triton.cdiv(kq, chunk)
+
+    dev = q.device
+    m = torch.empty(splits, n, device=dev, dtype=torch.float32)
+    lsum = torch.empty(splits, n, device=dev, dtype=torch.float32)
+    acc = torch.empty(splits, n, c, device=dev, dtype=torch.float32) if need_grad else m
+    rows_loss = torch.empty(n, device=dev, dtype=torch.float32)
+    grad = torch.empty(n, c, device=dev, dtype=q.dtype) if need_grad else torch.empty(0, device=dev, dtype=q.dtype)
+    if skip_launch(q, k, queue):
+        return rows_loss, grad
+    scale = 1.4426950408889634 / tau  # log2(e) / tau
+    # wrap_triton makes each launch a node torch.compile can trace; in eager it is the kernel.
+    wrap_triton(_info_nce_split_kernel)[(row_blocks, splits)](
+        q, queue, m, lsum, acc, n, kq, c, chunk,
+        q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), scale,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, NEED_GRAD=need_grad, IEEE=ieee,
+        num_warps=warps, num_stages=1 if INTERPRET else TUNING["num_stages"])
+    merge_n = 16
+    wrap_triton(_info_nce_merge_kernel)[(triton.cdiv(n, merge_n),)](
+        q, k, m, lsum, acc, rows_loss, grad, n, c, splits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, 1.0 / (tau * n),
+        BLOCK_N=merge_n, BLOCK_C=block_c, NEED_GRAD=need_grad, num_warps=4)
+    return rows_loss, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Autograd-aware op (torch.compile traces through triton_op without a graph break)
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    @torch.library.triton_op("fastsynth::info_nce_fused", mutates_args=())
+    def _info_nce_fused(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float,
+                        need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, dL/dq for an upstream gradient of 1); dL/dq is empty when not needed."""
+        rows_loss, grad = _launch(q, k, queue, tau, need_grad)
+        return rows_loss.mean(), grad
+
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+
+    def _backward(ctx, grad_loss, _grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+    _info_nce_fused.register_autograd(_backward, setup_context=_setup)
+
+
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, impl: str = "auto") -> torch.Tensor:
-    """InfoNCE with queue (Eq. 1), mean over the batch, differentiable in q only."""
+    """InfoNCE with queue (Eq. 1), mean over the batch, a float32 scalar differentiable in q only.
+
+    impl="triton": the logits and the p-weighted queue sum run in q's dtype on the tensor cores
+    (a float32 queue under bfloat16 autocast is rounded tile by tile as it is read), with float32
+    accumulation, softmax state and loss; dL/dq comes back in q's dtype.
+    """
     if resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL) == "torch":
         return info_nce_reference(q, k, queue, tau)
-    raise AssertionError("unreachable: resolve_impl refuses triton without a kernel")
+    _check(q, k, queue)
+    if q.shape[1] > MAX_C:
+        raise ValueError(f"info_nce(impl='triton'): C = {q.shape[1]} > {MAX_C}; use impl='torch'")
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if not all(t.dtype in floats for t in (q, k, queue)):
+        raise ValueError(f"info_nce(impl='triton'): q, k, queue must each be float32, float16 or bfloat16, "
+                         f"got {q.dtype}, {k.dtype}, {queue.dtype}")
+    if not (q.device == k.device == queue.device):
+        raise ValueError(f"info_nce: q, k, queue on different devices ({q.device}, {k.device}, {queue.device})")
+    need_grad = q.requires_grad and torch.is_grad_enabled()
+    loss, _ = torch.ops.fastsynth.info_nce_fused(q, k.detach(), queue.detach(), float(tau), need_grad)
+    return loss
 
 
 def _check(q, k, queue):
@@ -45,3 +239,5 @@ def _check(q, k, queue):
         raise ValueError(f"info_nce: q and k must both be N x C, got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue.dim() != 2 or queue.shape[1] != q.shape[1]:
         raise ValueError(f"info_nce: queue must be K x C with C = {q.shape[1]}, got {tuple(queue.shape)}")
+    if q.shape[0] == 0 or queue.shape[0] == 0:
+        raise ValueError(f"info_nce: empty batch or queue (N = {q.shape[0]}, K = {queue.shape[0]})")

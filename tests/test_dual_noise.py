@@ -1,40 +1,74 @@
-"""dual_noise (Eq. 4-6): determinism, degenerate rows, and the per-dimension noise scale."""
+"""dual_noise (Eq. 4-6): determinism, degenerate rows, and the per-dimension noise scale.
+
+Statistical tests run on both impls. Rows are few and wide so the interpreted kernel (one
+program per row) stays fast: score and variance patterns repeat with a period along d, and the
+noise is pooled over the columns sharing a pattern position.
+"""
+import importlib
+
 import pytest
 import torch
+from scipy import stats
 
+from kernelcase import HALF_DTYPES
 from fastsynth.kernels import dual_noise, dual_noise_reference
 from fastsynth.kernels.dual_noise import minmax
 
+mod = importlib.import_module("fastsynth.kernels.dual_noise")
+IMPLS = ["torch", "triton"]
 
-def test_same_seed_same_output_and_different_seed_differs():
-    z, s = torch.randn(7, 33), torch.rand(7, 33)
-    v = torch.rand(33)
-    a = dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=3, impl="torch")
-    b = dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=3, impl="torch")
-    c = dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=4, impl="torch")
-    assert torch.equal(a, b)
+
+def _pooled(noise: torch.Tensor, period: int) -> torch.Tensor:
+    """B x (period * r) -> (B * r) x period: the samples of each pattern position."""
+    b, d = noise.shape
+    return noise.reshape(b, d // period, period).reshape(-1, period)
+
+
+def _dev(impl, kdev):
+    return kdev if impl == "triton" else torch.device("cpu")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_same_seed_same_output_and_different_seed_differs(impl, kdev, poison):
+    dev = _dev(impl, kdev)
+    z, s, v = torch.randn(7, 33, device=dev), torch.rand(7, 33, device=dev), torch.rand(33, device=dev)
+    a = dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=3, impl=impl)
+    b = dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=3, impl=impl)
+    c = dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=4, impl=impl)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
     assert not torch.allclose(a, c)
 
 
-def test_degenerate_rows_do_not_nan():
-    z = torch.randn(3, 16)
-    s = torch.zeros(3, 16)
+def test_triton_noise_independent_of_block_size(kdev, monkeypatch):
+    """Counter = element index: the chunked (wide-row) path draws the same numbers."""
+    z, s, v = torch.randn(3, 700, device=kdev), torch.rand(3, 700, device=kdev), torch.rand(700, device=kdev)
+    single = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=9, impl="triton")
+    monkeypatch.setattr(mod, "MAX_SINGLE_BLOCK", 128)
+    chunked = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=9, impl="triton")
+    torch.testing.assert_close(chunked, single, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_degenerate_rows_do_not_nan(impl, kdev, poison):
+    dev = _dev(impl, kdev)
+    z = torch.randn(3, 16, device=dev)
+    s = torch.zeros(3, 16, device=dev)
     s[1] = 5.0  # constant non-zero row
-    v = torch.full((16,), 0.01)  # constant variance: v_hat degenerate too
-    out = dual_noise(z, s, v, 1.0, 1.0, 0.02, seed=0)
+    v = torch.full((16,), 0.01, device=dev)  # constant variance: v_hat degenerate too
+    out = dual_noise(z, s, v, 1.0, 1.0, 0.02, seed=0, impl=impl)
     assert torch.isfinite(out).all()
-    assert torch.equal(minmax(s[1:2]), torch.zeros(1, 16))
+    assert torch.equal(minmax(s[1:2]), torch.zeros(1, 16, device=dev))
 
 
-def test_per_dimension_std_follows_gradcam_scale():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_dimension_std_follows_gradcam_scale(impl, kdev):
     """Eq. 5: std of (z_tilde - z) in dim i is sigma_g (1 - s_hat_i); higher score, less noise."""
-    d, rows, sigma_g = 12, 40000, 0.7
-    base = torch.linspace(0.0, 3.0, d)                  # scores; s_hat = linspace(0, 1)
-    s = base.expand(rows, d).contiguous()
-    z = torch.randn(rows, d)
-    v = torch.ones(d)                                    # nothing low-variance: eps_v = 0
-    noise = dual_noise(z, s, v, sigma_g, 5.0, lam=0.0, seed=11) - z
-    expected = sigma_g * (1 - torch.linspace(0, 1, d))
+    dev, period, sigma_g = _dev(impl, kdev), 12, 0.7
+    s = torch.linspace(0.0, 3.0, period).repeat(1000).expand(24, -1).to(dev)   # s_hat = linspace(0, 1)
+    z = torch.randn(s.shape, device=dev)
+    v = torch.ones(s.shape[1], device=dev)                                    # nothing low-variance
+    noise = _pooled((dual_noise(z, s, v, sigma_g, 5.0, lam=0.0, seed=11, impl=impl) - z).cpu(), period)
+    expected = sigma_g * (1 - torch.linspace(0, 1, period))
     torch.testing.assert_close(noise.std(dim=0), expected, rtol=0.03, atol=0.01)
     assert noise[:, -1].abs().max() == 0          # top-scored dim untouched
     std = noise.std(dim=0)
@@ -42,34 +76,86 @@ def test_per_dimension_std_follows_gradcam_scale():
     assert noise.mean(dim=0).abs().max() < 0.02
 
 
-def test_lowvar_mask_and_scale():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lowvar_mask_and_scale(impl, kdev):
     """Eq. 6: only dims with v_bar < lambda get eps_v, with std sigma_v (1 - v_hat)."""
-    d, rows, sigma_v, lam = 8, 40000, 0.9, 0.5
-    v_bar = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0])
-    z = torch.randn(rows, d)
-    noise = dual_noise(z, torch.zeros(rows, d), v_bar, 0.0, sigma_v, lam, seed=5) - z
-    v_hat = (v_bar - v_bar.min()) / (v_bar.max() - v_bar.min())
-    expected = torch.where(v_bar < lam, sigma_v * (1 - v_hat), torch.zeros(d))
-    torch.testing.assert_close(noise.std(dim=0), expected, rtol=0.03, atol=0.005)
+    dev, sigma_v, lam = _dev(impl, kdev), 0.9, 0.5
+    pattern = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 1.0])  # 0.5 == lam: masked
+    v_bar = pattern.repeat(1000).to(dev)
+    z = torch.randn(24, v_bar.numel(), device=dev)
+    noise = dual_noise(z, torch.zeros_like(z), v_bar, 0.0, sigma_v, lam, seed=5, impl=impl) - z
+    pooled = _pooled(noise.cpu(), 8)
+    expected = torch.where(pattern < lam, sigma_v * (1 - pattern), torch.zeros(8))  # v_hat = pattern
+    torch.testing.assert_close(pooled.std(dim=0), expected, rtol=0.03, atol=0.005)
     assert (noise[:, v_bar >= lam] == 0).all()
 
 
-def test_both_terms_independent_and_add():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_both_terms_independent_and_add(impl, kdev):
     """Two independent normals: variances add, sigma_g^2 (1-s_hat)^2 + sigma_v^2 (1-v_hat)^2."""
-    d, rows = 4, 60000
-    s = torch.tensor([0.0, 1.0, 0.0, 1.0]).expand(rows, d).contiguous()   # s_hat = s
-    v_bar = torch.tensor([0.0, 0.0, 1.0, 0.5])                              # v_hat = v_bar
-    z = torch.zeros(rows, d)
-    noise = dual_noise(z, s, v_bar, 0.6, 0.8, lam=0.75, seed=1)
+    dev = _dev(impl, kdev)
+    s = torch.tensor([0.0, 1.0, 0.0, 1.0]).repeat(2000).expand(30, -1).to(dev)   # s_hat = s
+    v_bar = torch.tensor([0.0, 0.0, 1.0, 0.5]).repeat(2000).to(dev)             # v_hat = v_bar
+    noise = dual_noise(torch.zeros_like(s), s, v_bar, 0.6, 0.8, lam=0.75, seed=1, impl=impl)
     expected = torch.tensor([(0.36 + 0.64) ** 0.5, 0.8, 0.6, 0.4])
-    torch.testing.assert_close(noise.std(dim=0), expected, rtol=0.03, atol=0.005)
+    torch.testing.assert_close(_pooled(noise.cpu(), 4).std(dim=0), expected, rtol=0.03, atol=0.005)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_normalised_noise_is_standard_normal(impl, kdev, poison):
+    """(z_tilde - z) / scale ~ N(0, 1) for each term alone: moments within 1e-2 over 1e5+ samples,
+    KS statistic below the alpha = 0.001 critical value; the two terms uncorrelated."""
+    dev = _dev(impl, kdev)
+    b, d = 40, 4096
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(b, d, generator=g).to(dev)
+    s = torch.rand(b, d, generator=g).to(dev)
+    v_bar = torch.rand(d, generator=g).to(dev)
+    lam = 0.8
+    g_only = dual_noise(z, s, v_bar, 0.7, 0.0, lam, seed=21, impl=impl) - z
+    both = dual_noise(z, s, v_bar, 0.7, 0.9, lam, seed=21, impl=impl) - z
+    v_only = both - g_only                         # same seed: same n1, so this is eps_v alone
+    scale_g = 0.7 * (1 - minmax(s.float(), dim=1))
+    scale_v = (0.9 * (1 - minmax(v_bar.float(), dim=0))).expand(b, d)
+    masked = (v_bar >= lam).expand(b, d)
+    assert (v_only[masked] == 0).all()             # masked dims: eps_v exactly absent
+    keep_g, keep_v = scale_g > 0.05, (scale_v > 0.05) & ~masked
+    n1 = (g_only / scale_g)[keep_g].double().cpu()
+    n2 = (v_only / scale_v)[keep_v].double().cpu()
+    for n in (n1, n2):
+        assert n.numel() > 1e5
+        assert abs(n.mean()) < 1e-2 and abs(n.std() - 1) < 1e-2
+        ks = stats.kstest(n.numpy(), "norm").statistic
+        assert ks < 1.95 / n.numel() ** 0.5, ks
+    both_kept = keep_g & keep_v
+    pair = torch.stack([(g_only / scale_g)[both_kept], (v_only / scale_v)[both_kept]]).double().cpu()
+    assert abs(torch.corrcoef(pair)[0, 1]) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_triton_half_precision_z(dtype, kdev, poison):
+    z = torch.randn(5, 300, device=kdev).to(dtype)
+    s, v = torch.rand(5, 300, device=kdev), torch.rand(300, device=kdev)
+    out = dual_noise(z, s, v, 0.0, 0.0, 0.5, seed=0, impl="triton")
+    assert out.dtype == dtype and torch.equal(out, z)  # zero sigmas: z comes back exactly
+    out = dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=0, impl="triton")
+    assert torch.isfinite(out).all() and not torch.equal(out, z)
+
+
+def test_compiles_without_graph_break(kdev):
+    z, s, v = torch.randn(4, 64, device=kdev), torch.rand(4, 64, device=kdev), torch.rand(64, device=kdev)
+    backend = "inductor" if kdev.type == "cuda" else "eager"
+    fn = torch.compile(lambda z, s, v: dual_noise(z, s, v, 0.5, 0.5, 0.5, 7, impl="triton") + 1.0,
+                       fullgraph=True, backend=backend)
+    torch.testing.assert_close(fn(z, s, v), dual_noise(z, s, v, 0.5, 0.5, 0.5, 7, impl="triton") + 1.0)
 
 
 def test_dtype_preserved_and_shape_checks():
     z = torch.randn(4, 8, dtype=torch.float16)
     out = dual_noise_reference(z, torch.rand(4, 8), torch.rand(8), 0.1, 0.1, 0.5, 0)
     assert out.dtype == torch.float16
-    with pytest.raises(ValueError, match="v_bar"):
-        dual_noise(z, torch.rand(4, 8), torch.rand(7), 0.1, 0.1, 0.5, 0)
-    with pytest.raises(ValueError, match="B x d"):
-        dual_noise(z, torch.rand(3, 8), torch.rand(8), 0.1, 0.1, 0.5, 0)
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match="v_bar"):
+            dual_noise(z, torch.rand(4, 8), torch.rand(7), 0.1, 0.1, 0.5, 0, impl=impl)
+        with pytest.raises(ValueError, match="B x d"):
+            dual_noise(z, torch.rand(3, 8), torch.rand(8), 0.1, 0.1, 0.5, 0, impl=impl)

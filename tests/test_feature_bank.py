@@ -1,4 +1,8 @@
-"""FeatureBank (Sec. 3.4): FIFO contents and per-dimension variance over the stored rows."""
+"""FeatureBank (Sec. 3.4): FIFO contents and per-dimension variance over the stored rows.
+
+Both impls: "torch" recomputes the statistics from the stored rows, "triton" streams them
+(evict + insert with Chan's formulas) on the GPU or under the interpreter.
+"""
 import collections
 
 import pytest
@@ -6,39 +10,141 @@ import torch
 
 from fastsynth.kernels import FeatureBank
 
+IMPLS = ["torch", "triton"]
 
-def test_variance_matches_torch_var_after_wraparound():
+
+def _bank(size, dim, impl, kdev):
+    return FeatureBank(size, dim, impl=impl).to(kdev if impl == "triton" else "cpu")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_variance_matches_torch_var_after_wraparound(impl, kdev):
     size, dim = 50, 7
-    bank = FeatureBank(size, dim)
+    bank = _bank(size, dim, impl, kdev)
     shadow = collections.deque(maxlen=size)  # independent FIFO model of what the bank holds
     g = torch.Generator().manual_seed(0)
-    for b in [13, 13, 24, 7, 50, 3, 31, 60]:  # wraps several times; one batch larger than the bank
+    for b in [13, 13, 24, 7, 50, 3, 31, 60, 1]:  # wraps several times; one batch larger than the bank
         z = torch.randn(b, dim, generator=g) * 3 + 100
-        bank.update(z)
+        bank.var.fill_(float("nan"))            # poison: the update must rewrite every entry
+        bank.update(z.to(bank.bank.device))
         shadow.extend(z.unbind(0))
-        rows = torch.stack(list(shadow))
-        torch.testing.assert_close(bank.variance(), rows.var(dim=0), rtol=1e-4, atol=1e-4)
-        assert int(bank.filled) == len(shadow)
+        rows = torch.stack(list(shadow)).double()
+        torch.testing.assert_close(bank.variance().cpu().double(), rows.var(dim=0), rtol=1e-5, atol=1e-6)
+        assert int(bank.filled) == len(shadow) and int(bank.ptr) == int(bank.count) % size
     # Same multiset of rows as the shadow FIFO (order within the ring differs)
-    stored = bank.bank[: int(bank.filled)]
+    stored = bank.bank[: int(bank.filled)].cpu()
     assert torch.equal(stored.sort(dim=0).values, torch.stack(list(shadow)).sort(dim=0).values)
 
 
-def test_partial_fill_and_empty():
-    bank = FeatureBank(10, 3)
-    assert torch.equal(bank.variance(), torch.zeros(3))
-    z = torch.randn(4, 3)
+def _naive_float32_variance(batches, size):
+    """Running sum and sum of squares in float32 (add new rows, subtract evicted): the method
+    the cancellation test exists to reject."""
+    ring, s, sq = collections.deque(), 0.0, 0.0
+    s = torch.zeros(batches[0].shape[1])
+    sq = torch.zeros_like(s)
+    for z in batches:
+        for row in z:
+            if len(ring) == size:
+                old = ring.popleft()
+                s, sq = s - old, sq - old * old
+            ring.append(row)
+            s, sq = s + row, sq + row * row
+    n = len(ring)
+    return (sq - s * s / n) / (n - 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_streaming_survives_cancellation(impl, kdev):
+    """20 full rotations of data with mean 100 x its spread: relative error < 1e-5 against a
+    float64 recompute, where naive float32 sum / sum-of-squares is off by far more."""
+    size, dim, b = 64, 33, 16
+    bank = _bank(size, dim, impl, kdev)
+    g = torch.Generator().manual_seed(1)
+    spread = torch.rand(dim, generator=g) + 0.5
+    batches = [(100 * spread + spread * torch.randn(b, dim, generator=g)).float()
+               for _ in range(20 * size // b)]
+    for z in batches:
+        bank.update(z.to(bank.bank.device))
+    exact = bank.bank.cpu().double().var(dim=0)           # float64 recompute over the stored rows
+    got = bank.variance().cpu().double()
+    assert ((got - exact).abs() / exact).max() < 1e-5
+    naive = _naive_float32_variance(batches, size).double()
+    assert ((naive - exact).abs() / exact).max() > 1e-3   # the test would catch the naive method
+
+
+def test_triton_and_torch_agree_and_hand_over(kdev):
+    """Same state on both paths, so a bank can switch impl (or device) mid-run."""
+    a, r = _bank(40, 9, "triton", kdev), _bank(40, 9, "torch", kdev)
+    g = torch.Generator().manual_seed(2)
+    for b in [5, 17, 30, 11]:
+        z = torch.randn(b, 9, generator=g) + 10
+        a.update(z.to(a.bank.device))
+        r.update(z)
+    for name in ("bank", "count", "var"):
+        torch.testing.assert_close(getattr(a, name).cpu(), getattr(r, name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.mean.cpu(), r.mean, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(a.m2.cpu(), r.m2, rtol=1e-9, atol=1e-9)
+    # continue the torch bank on the triton path from the torch path's statistics
+    handed = _bank(40, 9, "triton", kdev)
+    handed.load_state_dict(r.state_dict())
+    z = torch.randn(13, 9, generator=g) + 10
+    handed.update(z.to(handed.bank.device))
+    r.update(z)
+    torch.testing.assert_close(handed.variance().cpu(), r.variance(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_partial_fill_and_empty(impl, kdev):
+    bank = _bank(10, 3, impl, kdev)
+    assert torch.equal(bank.variance().cpu(), torch.zeros(3))
+    bank.update(torch.randn(1, 3, device=bank.bank.device))
+    assert torch.equal(bank.variance().cpu(), torch.zeros(3))  # one row: no variance yet
+    z = torch.randn(4, 3, device=bank.bank.device)
     bank.update(z)
-    torch.testing.assert_close(bank.variance(), z.var(dim=0))
+    assert int(bank.filled) == 5
+    torch.testing.assert_close(bank.variance(), bank.bank[:5].var(dim=0), rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_roundtrip_and_errors():
-    bank = FeatureBank(8, 2)
+def test_triton_half_precision_and_strided_input(kdev):
+    bank = _bank(16, 8, "triton", kdev)
+    z = torch.randn(6, 16, device=kdev)[:, ::2]                 # strided rows
+    bank.update(z.half())                                       # stored as float32
+    torch.testing.assert_close(bank.bank[:6], z.half().float())
+    torch.testing.assert_close(bank.variance(), z.half().float().var(dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_compiles_without_graph_break(kdev):
+    bank = _bank(32, 8, "triton", kdev)
+    ref = _bank(32, 8, "triton", kdev)
+    backend = "inductor" if kdev.type == "cuda" else "eager"
+
+    def step(b, z):
+        b.update(z)
+        return b.variance() * 2.0
+
+    fn = torch.compile(step, fullgraph=True, backend=backend)
+    for _ in range(3):
+        z = torch.randn(12, 8, device=kdev)
+        torch.testing.assert_close(fn(bank, z), step(ref, z))
+    assert int(bank.count) == 36 and torch.equal(bank.bank, ref.bank)
+
+
+def test_state_dict_roundtrip_old_layout_and_errors():
+    bank = FeatureBank(8, 2, impl="torch")
     bank.update(torch.randn(5, 2))
     other = FeatureBank(8, 2)
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.variance(), bank.variance()) and int(other.ptr) == 5
+    # A checkpoint from before the streaming statistics: rows plus ptr/filled only.
+    bank.update(torch.randn(6, 2))                              # wrapped: count 11, ptr 3
+    old = {"bank": bank.bank.clone(), "ptr": torch.tensor(3), "filled": torch.tensor(8)}
+    restored = FeatureBank(8, 2)
+    restored.load_state_dict(old)
+    assert int(restored.ptr) == 3 and int(restored.filled) == 8
+    torch.testing.assert_close(restored.variance(), bank.variance())
     with pytest.raises(ValueError, match="expected B x 2"):
         bank.update(torch.randn(3, 4))
     with pytest.raises(ValueError):
         FeatureBank(1, 2)
+    with pytest.raises(ValueError, match="choose one of"):
+        FeatureBank(8, 2, impl="fast")

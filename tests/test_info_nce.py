@@ -1,22 +1,36 @@
-"""info_nce (Eq. 1) against an independent float64 formula, forward and gradient."""
+"""info_nce (Eq. 1) against an independent float64 formula, forward and gradient, both impls.
+
+The Triton path runs on the GPU when there is one and under TRITON_INTERPRET=1 otherwise
+(tests/conftest.py); bfloat16 only on a GPU, since the interpreter mishandles it.
+"""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kernelcase import HALF_DTYPES
 from fastsynth.kernels import info_nce, info_nce_reference
 
+mod = importlib.import_module("fastsynth.kernels.info_nce")
 
-def _inputs(n, k, c, dtype, seed=0):
+# Per-dtype tolerances (loss, grad): float32 is exact up to summation order; half inputs round
+# q, k, queue once, and the Triton path rounds the softmax weights p to the input dtype for the
+# tensor cores (FlashAttention's choice), which costs about one half-precision ulp of dL/dq.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 1e-2)}
+
+
+def _inputs(n, k, c, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(n, c, generator=g, dtype=torch.float64), dim=1)
     key = F.normalize(torch.randn(n, c, generator=g, dtype=torch.float64), dim=1)
     queue = F.normalize(torch.randn(k, c, generator=g, dtype=torch.float64), dim=1)
-    return q.to(dtype), key.to(dtype), queue.to(dtype)
+    return q.to(device, dtype), key.to(device, dtype), queue.to(device, dtype)
 
 
 def _float64_loss_and_grad(q, k, queue, tau):
     """loss_i = log(exp(l_i0) + sum_j exp(l_ij)) - l_i0; dL/dq = (sum_j p_ij v_j - k_i) / (tau N)."""
-    q, k, queue = (t.double() for t in (q, k, queue))
+    q, k, queue = (t.detach().cpu().double() for t in (q, k, queue))
     values = torch.cat([k[:, None, :], queue[None].expand(q.shape[0], -1, -1)], dim=1)  # N x (K+1) x C
     logits = torch.einsum("nc,njc->nj", q, values) / tau
     loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
@@ -25,25 +39,108 @@ def _float64_loss_and_grad(q, k, queue, tau):
     return loss, grad
 
 
-@pytest.mark.parametrize("n,k,c", [(1, 1, 1), (37, 1023, 128), (8, 100, 257), (256, 4096, 64)])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_matches_float64(n, k, c, dtype, tol):
-    q, key, queue = _inputs(n, k, c, dtype, seed=n + k)
-    q.requires_grad_(True)
-    loss = info_nce(q, key, queue, tau=0.2, impl="torch")
+def _check_against_float64(q, key, queue, tau, impl, dtype):
+    q = q.detach().requires_grad_(True)
+    loss = info_nce(q, key, queue, tau=tau, impl=impl)
     loss.backward()
-    ref_loss, ref_grad = _float64_loss_and_grad(q.detach(), key, queue, 0.2)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
-    torch.testing.assert_close(q.grad.double(), ref_grad, rtol=tol * 10, atol=tol)
+    ref_loss, ref_grad = _float64_loss_and_grad(q, key, queue, tau)
+    tol_loss, tol_grad = TOL[dtype]
+    assert loss.dtype == torch.float32 and q.grad.dtype == q.dtype
+    assert torch.isfinite(q.grad).all()
+    torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, rtol=tol_loss, atol=tol_loss)
+    # Gradient error relative to the size of its terms, k / (tau N) and the largest entry: dL/dq is
+    # a difference E_p[key] - k that cancels where p sits on k, so entries near zero carry no
+    # relative meaning.
+    scale = max(ref_grad.abs().max().item(), key.detach().abs().max().item() / (tau * q.shape[0]))
+    torch.testing.assert_close(q.grad.cpu().double() / scale, ref_grad / scale, rtol=0, atol=tol_grad)
 
 
-def test_gradient_only_to_q():
-    q, key, queue = _inputs(5, 11, 16, torch.float32)
-    for t in (q, key, queue):
-        t.requires_grad_(True)
-    info_nce_reference(q, key, queue, 0.2).backward()
-    assert q.grad is not None and key.grad is None and queue.grad is None
+@pytest.mark.parametrize("n,k,c", [(1, 1, 1), (37, 1023, 128), (8, 100, 257), (256, 4096, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_matches_float64(n, k, c, dtype):
+    _check_against_float64(*_inputs(n, k, c, dtype, seed=n + k), tau=0.2, impl="torch", dtype=dtype)
+
+
+@pytest.mark.parametrize("n,k,c", [(1, 1, 1), (37, 1023, 128), (5, 77, 19), (70, 300, 200), (17, 2000, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF_DTYPES)
+def test_triton_matches_float64(n, k, c, dtype, kdev, poison):
+    _check_against_float64(*_inputs(n, k, c, dtype, seed=n + k, device=kdev), tau=0.2, impl="triton", dtype=dtype)
+
+
+def test_triton_extreme_temperature_and_no_grad(kdev, poison):
+    """Small tau makes logits of +-100: the online max must keep exp2 in range."""
+    q, key, queue = _inputs(9, 500, 32, torch.float32, seed=3, device=kdev)
+    _check_against_float64(q, key, queue, tau=0.01, impl="triton", dtype=torch.float32)
+    with torch.no_grad():  # the forward-only kernel variant (no dL/dq accumulation)
+        loss = info_nce(q, key, queue, 0.07, impl="triton")
+    torch.testing.assert_close(loss.cpu().double(), _float64_loss_and_grad(q, key, queue, 0.07)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_triton_logits_beyond_float32_exp_range(kdev, poison):
+    """tau = 0.005 with key = q and -q, q in the queue: logits of +-200, whose exp overflows
+    float32; every partial state and their merge must subtract a running max first."""
+    q, _, queue = _inputs(6, 300, 16, torch.float32, seed=8, device=kdev)
+    queue = torch.cat([queue, -q, q[:3]])
+    _check_against_float64(q, q.clone(), queue, tau=0.005, impl="triton", dtype=torch.float32)
+
+
+def test_triton_non_contiguous_inputs(kdev, poison):
+    """Strided views (every other column; a transposed queue) read through their strides."""
+    q2, key2, _ = _inputs(13, 1, 96, torch.float32, seed=4, device=kdev)
+    queue_t = _inputs(1, 48, 211, torch.float32, seed=5, device=kdev)[2].t()  # 211 x 48, column-major
+    q, key = q2[:, ::2], key2[:, ::2]                                           # 13 x 48, stride 2
+    assert not q.is_contiguous() and not queue_t.is_contiguous()
+    _check_against_float64(q, key, queue_t, tau=0.2, impl="triton", dtype=torch.float32)
+
+
+def test_triton_multiple_splits(kdev, monkeypatch):
+    """Force many queue splits (more partial states to merge) and compare with one split."""
+    q, key, queue = _inputs(20, 3000, 64, torch.float32, seed=6, device=kdev)
+    grads = []
+    for sms in (1, 64):
+        monkeypatch.setattr(mod, "num_sms", lambda _dev, s=sms: s)
+        qq = q.clone().requires_grad_(True)
+        info_nce(qq, key, queue, 0.2, impl="triton").backward()
+        grads.append(qq.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    _check_against_float64(q, key, queue, 0.2, "triton", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_triton_half_q_with_float32_queue(dtype, kdev, poison):
+    """Under autocast q and k are half precision while the queue buffer stays float32."""
+    q, key, queue = _inputs(21, 700, 64, torch.float32, seed=9, device=kdev)
+    qh = q.to(dtype).requires_grad_(True)
+    loss = info_nce(qh, key.to(dtype), queue, 0.2, impl="triton")
+    loss.backward()
+    # the expected numbers: the same op with every operand rounded to the half dtype first
+    ref_loss, ref_grad = _float64_loss_and_grad(q.to(dtype), key.to(dtype), queue.to(dtype), 0.2)
+    tol_loss, tol_grad = TOL[dtype]
+    torch.testing.assert_close(loss.detach().cpu().double(), ref_loss, rtol=tol_loss, atol=tol_loss)
+    scale = max(ref_grad.abs().max().item(), 1 / (0.2 * 21))
+    torch.testing.assert_close(qh.grad.cpu().double() / scale, ref_grad / scale, rtol=0, atol=tol_grad)
+
+
+def test_gradient_only_to_q(kdev):
+    for impl, dev in (("torch", "cpu"), ("triton", kdev)):
+        q, key, queue = _inputs(5, 11, 16, torch.float32, device=dev)
+        for t in (q, key, queue):
+            t.requires_grad_(True)
+        info_nce(q, key, queue, 0.2, impl=impl).backward()
+        assert q.grad is not None and key.grad is None and queue.grad is None
+
+
+def test_compiles_without_graph_break(kdev):
+    """torch.compile(fullgraph=True) must trace through the op: a graph break raises here."""
+    q, key, queue = _inputs(7, 90, 24, torch.float32, device=kdev)
+    backend = "inductor" if kdev.type == "cuda" else "eager"  # inductor cannot run interpreted kernels
+    fn = torch.compile(lambda q, k, u: info_nce(q, k, u, 0.2, impl="triton") * 2.0, fullgraph=True, backend=backend)
+    qa = q.clone().requires_grad_(True)
+    fn(qa, key, queue).backward()
+    qb = q.clone().requires_grad_(True)
+    (info_nce(qb, key, queue, 0.2, impl="triton") * 2.0).backward()
+    torch.testing.assert_close(qa.grad, qb.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_shapes_and_impl():
@@ -54,5 +151,12 @@ def test_bad_shapes_and_impl():
         info_nce(q, key[:3], queue, 0.2)
     with pytest.raises(ValueError, match="choose one of"):
         info_nce(q, key, queue, 0.2, impl="cuda")
+    with pytest.raises(ValueError, match="empty"):
+        info_nce(q, key, queue[:0], 0.2)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        info_nce(q, key.double(), queue, 0.2, impl="triton")
+    big = _inputs(2, 3, 300, torch.float32)
+    with pytest.raises(ValueError, match="C = 300"):
+        info_nce(*big, 0.2, impl="triton")
     # auto on a CPU tensor is the reference: bitwise the same number
     assert info_nce(q, key, queue, 0.2, impl="auto") == info_nce_reference(q, key, queue, 0.2)

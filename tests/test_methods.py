@@ -67,6 +67,34 @@ def test_a_few_steps_lower_total_loss(method, noise):
     assert last.item() < first.item() - 1e-3, (first.item(), last.item())
 
 
+def test_step_with_triton_kernels_matches_reference(monkeypatch):
+    """The model's step on the Triton kernels (GPU, or the interpreter here): the same L_C, L_R,
+    dL_C/d(encoder) and bank state as the reference path; L_Cp differs only through the noise
+    stream (Philox instead of torch.Generator), so it is checked finite."""
+    from kernelcase import KERNEL_DEVICE
+    if KERNEL_DEVICE.type == "cuda":  # the same conv algorithms, no TF32, in both runs
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    g = torch.Generator().manual_seed(1)
+    x1, x2, x = (torch.randn(8, 3, 32, 32, generator=g).to(KERNEL_DEVICE) for _ in range(3))
+    runs = {}
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = SynthSSL(_tiny_cfg(), kernel_impl=impl).to(KERNEL_DEVICE)
+        loss, parts, _, _ = model(x1, x2, x, seed=3)
+        enc = [p for p in model.encoder.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(parts["l_c"], enc)
+        runs[impl] = (parts, grads, model.synth.bank.variance(), model.synth.bank.bank.clone())
+    (p_ref, g_ref, v_ref, b_ref), (p_tri, g_tri, v_tri, b_tri) = runs["torch"], runs["triton"]
+    torch.testing.assert_close(p_tri["l_c"], p_ref["l_c"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_tri["l_r"], p_ref["l_r"], rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(p_tri["l_cp"])
+    for a, b in zip(g_tri, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(b_tri, b_ref)
+    torch.testing.assert_close(v_tri, v_ref, rtol=1e-5, atol=1e-7)
+
+
 def test_synth_off_and_noise_none():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# One pass on a GPU machine, offline: (a) environment, (b) the kernel tests on real hardware,
+# (c) bench/gpu_bench.py timings. Installs nothing from the network. Each step has its own
+# timeout (worst case about 7.5 minutes in all) and the script goes on after a failure. Without
+# CUDA it records the environment and exits 0: there is nothing to check.
+#
+#   OUT=/some/dir bash bench/gpu_check.sh      # files go flat into $OUT (default ./gpu_out)
+#
+# Writes at most: env.json install.log tests.log tests.xml bench.json bench.log pytest_bench.json
+set -u
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python}"
+unset TRITON_INTERPRET  # the real kernels: the CPU simulation is what the CPU test suite runs
+T_ENV=20 T_INSTALL=45 T_TESTS=180 T_BENCH=240 T_PBENCH=90
+export PYTHONUNBUFFERED=1
+step() { echo; echo "== $* ($(date +%T))"; }
+
+step "a. environment -> $OUT/env.json"
+timeout -k 5 "$T_ENV" "$PY" - "$OUT/env.json" "$REPO" <<'EOF'
+import datetime, json, platform, subprocess, sys
+
+def run(*cmd):
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (r.stdout or r.stderr).strip()
+    except Exception as e:
+        return f"unavailable: {e}"
+
+info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+        "python": sys.version.split()[0], "nvidia_smi": run("nvidia-smi", "-L"),
+        "git_commit": run("git", "-C", sys.argv[2], "rev-parse", "HEAD"), "cuda_available": False}
+try:
+    import torch
+    info.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    if info["cuda_available"]:
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                    memory_GiB=round(p.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
+except Exception as e:
+    info["torch"] = f"import failed: {e}"
+for name in ("triton", "torchvision", "pytest", "pytest_benchmark"):
+    try:
+        info[name] = __import__(name).__version__
+    except Exception as e:
+        info[name] = None
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(info, indent=1))
+sys.exit(0 if info["cuda_available"] else 3)
+EOF
+rc=$?
+if [ "$rc" -eq 3 ]; then
+    echo "no CUDA device: nothing to check (environment in $OUT/env.json)"
+    exit 0
+elif [ "$rc" -ne 0 ]; then
+    echo "environment probe failed (rc=$rc); trying the remaining steps anyway"
+fi
+
+# fastsynth.kernels exists only through setup.py's package_dir (kernels/ -> fastsynth/kernels),
+# so a bare PYTHONPATH=$REPO cannot import it. First an offline editable install; if that
+# fails, a temporary tree with the same layout, from which the tests and benchmark then run.
+step "install (offline) -> $OUT/install.log"
+WORK="$REPO"
+if timeout -k 5 "$T_INSTALL" "$PY" -m pip install --no-index --no-deps --no-build-isolation -e "$REPO" \
+        >"$OUT/install.log" 2>&1 \
+   && (cd /tmp && "$PY" -c "import fastsynth.kernels.info_nce") >>"$OUT/install.log" 2>&1 \
+   && (cd "$REPO" && "$PY" -c "import fastsynth.kernels.info_nce") >>"$OUT/install.log" 2>&1; then
+    echo "editable install: ok"
+else
+    WORK=/tmp/fsroot
+    rm -rf "$WORK" && mkdir -p "$WORK"
+    cp -r "$REPO/fastsynth" "$REPO/tests" "$REPO/bench" "$REPO/pyproject.toml" "$WORK/"
+    rm -rf "$WORK/fastsynth/kernels" && cp -r "$REPO/kernels" "$WORK/fastsynth/kernels"
+    export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"
+    echo "editable install failed (see install.log); running from the copy in $WORK" | tee -a "$OUT/install.log"
+fi
+cd "$WORK" || exit 1
+"$PY" -c "import fastsynth.kernels.info_nce, fastsynth.kernels.dual_noise, fastsynth.kernels.feature_bank" \
+    || echo "WARNING: fastsynth.kernels does not import; the steps below will record why"
+
+step "b. GPU tests -> $OUT/tests.log, $OUT/tests.xml"
+tests_rc=skipped
+if "$PY" -c "import pytest" 2>/dev/null; then
+    timeout -k 10 "$T_TESTS" "$PY" -m pytest tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py \
+        tests/test_methods.py::test_step_with_triton_kernels_matches_reference \
+        -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    tests_rc=$?
+    tail -n 15 "$OUT/tests.log"
+else
+    echo "pytest is not installed here: GPU tests skipped" | tee "$OUT/tests.log"
+fi
+
+step "c. timings -> $OUT/bench.json, $OUT/bench.log"
+timeout -k 10 "$T_BENCH" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+step "d. pytest-benchmark suites, short -> $OUT/pytest_bench.json"
+pbench_rc=skipped
+if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+    timeout -k 10 "$T_PBENCH" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
+        --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -n 25
+    pbench_rc=${PIPESTATUS[0]}
+fi
+
+step "summary"
+echo "tests rc=$tests_rc (124 = timeout), bench rc=$bench_rc (124 = timeout, 1 = a case errored), pytest-bench rc=$pbench_rc"
+ls -l "$OUT"
+sed -n '/^floors:/,$p' "$OUT/bench.log"  # the timing table, last
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
