@@ -13,7 +13,7 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
 unset TRITON_INTERPRET  # the real kernels: the CPU simulation is what the CPU test suite runs
-T_ENV=20 T_INSTALL=45 T_TESTS=180 T_BENCH=240 T_PBENCH=90
+T_ENV=20 T_INSTALL=45 T_TESTS=180 T_BENCH=240 T_PBENCH=60
 export PYTHONUNBUFFERED=1
 step() { echo; echo "== $* ($(date +%T))"; }
 

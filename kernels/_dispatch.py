@@ -56,8 +56,14 @@ def skip_launch(*tensors: torch.Tensor) -> bool:
     return any(is_fake(t) for t in tensors)
 
 
+_SMS: dict = {}
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors to fill; a small fixed number under the interpreter."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]

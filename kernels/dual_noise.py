@@ -59,24 +59,33 @@ def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
     @triton.jit
-    def _box_muller(seed, offs):
-        """Two independent N(0, 1) draws per element from one Philox counter (seed, offs).
-
-        The top 24 bits of each 32-bit word map to the open interval (0, 1), so log(u1) is
-        finite; |n| is then bounded by sqrt(2 * 24 ln 2) ~ 5.8, far beyond what the tests see.
-        """
-        r1, r2, _, _ = tl.randint4x(seed, offs)
-        u1 = ((r1 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        u2 = ((r2 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        rad = tl.sqrt(-2.0 * tl.log(u1))
-        theta = 6.283185307179586 * u2
-        return rad * tl.cos(theta), rad * tl.sin(theta)
+    def _uniform(r):
+        """uint32 -> the open interval (0, 1) from the top 24 bits, so log(u) stays finite."""
+        return ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
 
     @triton.jit
-    def _span_inv(lo, hi):
-        """1 / (max - min), or 0 for a constant row: s_hat = 0, matching minmax()."""
+    def _normals(seed, pair):
+        """N(0, 1) draws (n1, n2) for the two elements 2j, 2j+1 of each pair counter j.
+
+        One Philox4x32-10 call yields four uint32 words; Box-Muller turns each two into two
+        independent normals. The elements of pair j get (n1, n2) = (a1, a2) and (b1, b2). Half a
+        Philox call per element: the generator, not memory, bounds this kernel otherwise.
+        """
+        r1, r2, r3, r4 = tl.randint4x(seed, pair)
+        rad_a = tl.sqrt(-2.0 * tl.log(_uniform(r1)))
+        rad_b = tl.sqrt(-2.0 * tl.log(_uniform(r3)))
+        th_a = 6.283185307179586 * _uniform(r2)
+        th_b = 6.283185307179586 * _uniform(r4)
+        n1 = tl.interleave(rad_a * tl.cos(th_a), rad_b * tl.cos(th_b))
+        n2 = tl.interleave(rad_a * tl.sin(th_a), rad_b * tl.sin(th_b))
+        return n1, n2
+
+    @triton.jit
+    def _minmax_norm(x, lo, hi):
+        """(x - lo) / (hi - lo) correctly rounded (so the max maps to exactly 1 and its dim gets
+        exactly no noise), or 0 for a constant row, matching minmax()."""
         span = hi - lo
-        return tl.where(span > 0, 1.0 / tl.where(span > 0, span, 1.0), 0.0)
+        return tl.where(span > 0, tl.math.div_rn(x - lo, tl.where(span > 0, span, 1.0)), 0.0)
 
     @triton.jit
     def _dual_noise_kernel(z_ptr, s_ptr, v_ptr, out_ptr, D,
@@ -84,6 +93,11 @@ if HAS_TRITON:
                            sigma_g, sigma_v, lam, seed,
                            BLOCK_D: tl.constexpr, SINGLE: tl.constexpr):
         row = tl.program_id(0)
+        # Python floats arrive as fp64 from inductor-generated launches: compute in fp32 as the
+        # reference does (v_bar.float() < lam compares in float32).
+        sigma_g = tl.cast(sigma_g, tl.float32)
+        sigma_v = tl.cast(sigma_v, tl.float32)
+        lam = tl.cast(lam, tl.float32)
         z_row = z_ptr + row.to(tl.int64) * stride_zb
         s_row = s_ptr + row.to(tl.int64) * stride_sb
         o_row = out_ptr + row.to(tl.int64) * stride_ob
@@ -114,8 +128,8 @@ if HAS_TRITON:
             s_hi = tl.max(s_hi_v, axis=0)
             v_lo = tl.min(v_lo_v, axis=0)
             v_hi = tl.max(v_hi_v, axis=0)
-        s_inv = _span_inv(s_lo, s_hi)
-        v_inv = _span_inv(v_lo, v_hi)
+        half = tl.arange(0, BLOCK_D // 2)
+        pairs_per_row = (D + 1) // 2
 
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
@@ -127,21 +141,20 @@ if HAS_TRITON:
                 sc = tl.load(s_row + c * stride_sd, mask=m, other=0.0).to(tl.float32)
                 vc = tl.load(v_ptr + c * stride_v, mask=m, other=0.0).to(tl.float32)
             z = tl.load(z_row + c * stride_zd, mask=m, other=0.0)
-            # Counter = flat element index: the same seed gives the same noise for any block size.
-            n1, n2 = _box_muller(seed, row * D + c)
-            eps_g = sigma_g * (1.0 - (sc - s_lo) * s_inv) * n1                        # Eq. 5
-            eps_v = tl.where(vc < lam, sigma_v * (1.0 - (vc - v_lo) * v_inv) * n2, 0.0)  # Eq. 6
+            # Counter = (row, column pair): the same seed gives the same noise for any block size.
+            n1, n2 = _normals(seed, row * pairs_per_row + d0 // 2 + half)
+            eps_g = sigma_g * (1.0 - _minmax_norm(sc, s_lo, s_hi)) * n1                       # Eq. 5
+            eps_v = tl.where(vc < lam, sigma_v * (1.0 - _minmax_norm(vc, v_lo, v_hi)) * n2, 0.0)  # Eq. 6
             out = z.to(tl.float32) + eps_g + eps_v
             tl.store(o_row + c, out.to(out_ptr.dtype.element_ty), mask=m)
 
-    @torch.library.triton_op("fastsynth::dual_noise_fused", mutates_args=())
-    def _dual_noise_fused(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float,
-                          sigma_v: float, lam: float, seed: int) -> torch.Tensor:
+    def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
+                lam: float, seed: int) -> torch.Tensor:
         b, d = z.shape
         out = torch.empty((b, d), device=z.device, dtype=z.dtype)
         if b == 0 or skip_launch(z, s, v_bar):
             return out
-        block = min(triton.next_power_of_2(d), MAX_SINGLE_BLOCK)
+        block = max(2, min(triton.next_power_of_2(d), MAX_SINGLE_BLOCK))  # even: whole pairs
         wrap_triton(_dual_noise_kernel)[(b,)](
             z, s, v_bar, out, d,
             z.stride(0), z.stride(1), s.stride(0), s.stride(1), v_bar.stride(0), out.stride(0),
@@ -149,6 +162,11 @@ if HAS_TRITON:
             BLOCK_D=block, SINGLE=d <= block,
             num_warps=TUNING["num_warps"] or (4 if block <= 1024 else 8))
         return out
+
+    @torch.library.triton_op("fastsynth::dual_noise_fused", mutates_args=())
+    def _dual_noise_fused(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float,
+                          sigma_v: float, lam: float, seed: int) -> torch.Tensor:
+        return _launch(z, s, v_bar, sigma_g, sigma_v, lam, seed)
 
 
 def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
@@ -158,18 +176,20 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
     impl="triton": one launch, noise from Philox keyed by (seed, element index); a different
     random stream from the reference's torch.Generator, with the same distribution.
     """
-    path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL)
     _check(z, s, v_bar)
+    path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL)
     with torch.no_grad():
         if path == "torch":
             return dual_noise_reference(z, s, v_bar, sigma_g, sigma_v, lam, seed)
         if not (z.device == s.device == v_bar.device):
             raise ValueError(f"dual_noise: z, s, v_bar on different devices ({z.device}, {s.device}, {v_bar.device})")
-        if z.shape[0] * z.shape[1] >= 2 ** 31:
+        if z.shape[0] * (z.shape[1] + 1) // 2 >= 2 ** 31:
             raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
         seed = int(seed) % (2 ** 63)  # Philox keys are 64-bit; negative seeds wrap like torch's
-        return torch.ops.fastsynth.dual_noise_fused(z.detach(), s.detach(), v_bar.detach(), float(sigma_g),
-                                                    float(sigma_v), float(lam), seed)
+        args = (z.detach(), s.detach(), v_bar.detach(), float(sigma_g), float(sigma_v), float(lam), seed)
+        if torch.compiler.is_compiling():  # traced into the graph as fastsynth::dual_noise_fused
+            return torch.ops.fastsynth.dual_noise_fused(*args)
+        return _launch(*args)  # eager: no custom-op dispatch layers on the host
 
 
 def _check(z, s, v_bar):

@@ -142,10 +142,7 @@ if HAS_TRITON:
             tl.store(count_ptr, count + B)
             tl.atomic_xchg(done_ptr, 0)
 
-    @torch.library.triton_op("fastsynth::feature_bank_update",
-                             mutates_args=("bank", "count", "mean", "m2", "var", "done"))
-    def _feature_bank_update(z: torch.Tensor, bank: torch.Tensor, count: torch.Tensor, mean: torch.Tensor,
-                             m2: torch.Tensor, var: torch.Tensor, done: torch.Tensor) -> None:
+    def _launch(z, bank, count, mean, m2, var, done) -> None:
         b, d = z.shape
         if b == 0 or skip_launch(z, bank):
             return
@@ -153,6 +150,12 @@ if HAS_TRITON:
         wrap_triton(_bank_update_kernel)[(triton.cdiv(d, block_d),)](
             z, bank, count, mean, m2, var, done, b, bank.shape[0], d, z.stride(0), z.stride(1),
             BLOCK_B=32, BLOCK_D=block_d, num_warps=4)
+
+    @torch.library.triton_op("fastsynth::feature_bank_update",
+                             mutates_args=("bank", "count", "mean", "m2", "var", "done"))
+    def _feature_bank_update(z: torch.Tensor, bank: torch.Tensor, count: torch.Tensor, mean: torch.Tensor,
+                             m2: torch.Tensor, var: torch.Tensor, done: torch.Tensor) -> None:
+        _launch(z, bank, count, mean, m2, var, done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +205,11 @@ class FeatureBank(nn.Module):
         if resolve_impl(self.impl, self.bank.device.type, HAS_TRITON_KERNEL) == "triton":
             if z.stride(1) != 1:
                 z = z.contiguous()
-            torch.ops.fastsynth.feature_bank_update(z, self.bank, self.count, self.mean, self.m2,
-                                                    self.var, self.done)
+            state = (self.bank, self.count, self.mean, self.m2, self.var, self.done)
+            if torch.compiler.is_compiling():  # traced as fastsynth::feature_bank_update
+                torch.ops.fastsynth.feature_bank_update(z, *state)
+            else:  # eager: no custom-op dispatch layers on the host
+                _launch(z, *state)
             return
         b = z.shape[0]
         # Pointer arithmetic stays on the device: reading it on the host would synchronise.

@@ -66,6 +66,7 @@ if HAS_TRITON:
         """
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < N
@@ -115,6 +116,8 @@ if HAS_TRITON:
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NEED_GRAD: tl.constexpr):
         """Merge the S partial states with the positive logit; per-row loss and dL/dq."""
         pid = tl.program_id(0)
+        scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64
+        grad_scale = tl.cast(grad_scale, tl.float32)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_C)
         rmask = rows < N
@@ -191,8 +194,24 @@ def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, n
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Autograd-aware op (torch.compile traces through triton_op without a graph break)
+# 4. Autograd: a registered op for torch.compile, a plain autograd.Function for eager calls
 # ---------------------------------------------------------------------------------------------
+class _InfoNCEEager(torch.autograd.Function):
+    """Eager path: the same launches without the custom-op dispatcher, whose Python layers
+    (schema checks, autograd wrapper) cost more host time than the kernels take on a GPU."""
+
+    @staticmethod
+    def forward(ctx, q, k, queue, tau, need_grad):
+        rows_loss, grad = _launch(q, k, queue, tau, need_grad)
+        ctx.save_for_backward(grad)
+        return rows_loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+
 if HAS_TRITON:
     @torch.library.triton_op("fastsynth::info_nce_fused", mutates_args=())
     def _info_nce_fused(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float,
@@ -218,9 +237,9 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     (a float32 queue under bfloat16 autocast is rounded tile by tile as it is read), with float32
     accumulation, softmax state and loss; dL/dq comes back in q's dtype.
     """
+    _check(q, k, queue)
     if resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL) == "torch":
         return info_nce_reference(q, k, queue, tau)
-    _check(q, k, queue)
     if q.shape[1] > MAX_C:
         raise ValueError(f"info_nce(impl='triton'): C = {q.shape[1]} > {MAX_C}; use impl='torch'")
     floats = (torch.float32, torch.float16, torch.bfloat16)
@@ -230,8 +249,10 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     if not (q.device == k.device == queue.device):
         raise ValueError(f"info_nce: q, k, queue on different devices ({q.device}, {k.device}, {queue.device})")
     need_grad = q.requires_grad and torch.is_grad_enabled()
-    loss, _ = torch.ops.fastsynth.info_nce_fused(q, k.detach(), queue.detach(), float(tau), need_grad)
-    return loss
+    if torch.compiler.is_compiling():  # traced into the graph as fastsynth::info_nce_fused
+        loss, _ = torch.ops.fastsynth.info_nce_fused(q, k.detach(), queue.detach(), float(tau), need_grad)
+        return loss
+    return _InfoNCEEager.apply(q, k.detach(), queue.detach(), float(tau), need_grad)
 
 
 def _check(q, k, queue):

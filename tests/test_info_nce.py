@@ -143,7 +143,7 @@ def test_compiles_without_graph_break(kdev):
     torch.testing.assert_close(qa.grad, qb.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_bad_shapes_and_impl():
+def test_bad_shapes_and_impl(kdev):
     q, key, queue = _inputs(4, 6, 8, torch.float32)
     with pytest.raises(ValueError, match="queue must be K x C"):
         info_nce(q, key, queue[:, :5], 0.2)
@@ -154,8 +154,8 @@ def test_bad_shapes_and_impl():
     with pytest.raises(ValueError, match="empty"):
         info_nce(q, key, queue[:0], 0.2)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        info_nce(q, key.double(), queue, 0.2, impl="triton")
-    big = _inputs(2, 3, 300, torch.float32)
+        info_nce(q.to(kdev), key.to(kdev).double(), queue.to(kdev), 0.2, impl="triton")
+    big = _inputs(2, 3, 300, torch.float32, device=kdev)
     with pytest.raises(ValueError, match="C = 300"):
         info_nce(*big, 0.2, impl="triton")
     # auto on a CPU tensor is the reference: bitwise the same number
