@@ -15,6 +15,11 @@ PY="${PYTHON:-python}"
 unset TRITON_INTERPRET  # the real kernels: the CPU simulation is what the CPU test suite runs
 T_ENV=20 T_INSTALL=45 T_TESTS=180 T_BENCH=240 T_PBENCH=60
 export PYTHONUNBUFFERED=1
+# Overridable for a focused rerun: which tests, which benchmark cases, whether the short
+# pytest-benchmark pass runs.
+GPU_TESTS="${GPU_TESTS:-tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py tests/test_methods.py::test_step_with_triton_kernels_matches_reference}"
+BENCH_ARGS="${BENCH_ARGS:-}"
+SKIP_PBENCH="${SKIP_PBENCH:-0}"
 step() { echo; echo "== $* ($(date +%T))"; }
 
 step "a. environment -> $OUT/env.json"
@@ -82,9 +87,8 @@ cd "$WORK" || exit 1
 step "b. GPU tests -> $OUT/tests.log, $OUT/tests.xml"
 tests_rc=skipped
 if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout -k 10 "$T_TESTS" "$PY" -m pytest tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py \
-        tests/test_methods.py::test_step_with_triton_kernels_matches_reference \
-        -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
+    timeout -k 10 "$T_TESTS" "$PY" -m pytest $GPU_TESTS -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
     tests_rc=$?
     tail -n 15 "$OUT/tests.log"
 else
@@ -92,12 +96,13 @@ else
 fi
 
 step "c. timings -> $OUT/bench.json, $OUT/bench.log"
-timeout -k 10 "$T_BENCH" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+# shellcheck disable=SC2086
+timeout -k 10 "$T_BENCH" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 step "d. pytest-benchmark suites, short -> $OUT/pytest_bench.json"
 pbench_rc=skipped
-if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+if [ "$SKIP_PBENCH" != 1 ] && "$PY" -c "import pytest_benchmark" 2>/dev/null; then
     timeout -k 10 "$T_PBENCH" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
         --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -n 25
     pbench_rc=${PIPESTATUS[0]}

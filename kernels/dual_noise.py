@@ -11,11 +11,14 @@ from __future__ import annotations
 import torch
 from torch.library import wrap_triton
 
-from ._dispatch import HAS_TRITON, resolve_impl, skip_launch, tl, triton
+from ._dispatch import HAS_TRITON, INTERPRET, resolve_impl, skip_launch, tl, triton
 
 HAS_TRITON_KERNEL = HAS_TRITON
 MAX_SINGLE_BLOCK = 4096  # rows up to this width are normalised and perturbed from registers
-TUNING = {"num_warps": None}  # None: 4 warps up to 1024 columns, else 8; bench/gpu_bench.py sweeps it
+# Launch choices (bench/gpu_bench.py sweeps them on a GPU): rows per program; approximate
+# log/sin/cos for Box-Muller on the GPU (the kernel is bound by instructions, not memory);
+# num_warps None = 4 up to 1024 elements per program, else 8.
+TUNING = {"rows": 1, "fast": True, "num_warps": None}
 
 
 def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -58,95 +61,103 @@ def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, 
 # Triton kernel: one program per row, one read of z and s, one write, noise from in-kernel Philox
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from triton.language.extra import libdevice
+
     @triton.jit
     def _uniform(r):
         """uint32 -> the open interval (0, 1) from the top 24 bits, so log(u) stays finite."""
         return ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
 
     @triton.jit
-    def _normals(seed, pair):
+    def _normals(seed, pair, FAST: tl.constexpr):
         """N(0, 1) draws (n1, n2) for the two elements 2j, 2j+1 of each pair counter j.
 
         One Philox4x32-10 call yields four uint32 words; Box-Muller turns each two into two
-        independent normals. The elements of pair j get (n1, n2) = (a1, a2) and (b1, b2). Half a
-        Philox call per element: the generator, not memory, bounds this kernel otherwise.
+        independent normals; the elements of pair j get (a1, a2) and (b1, b2). The angle is
+        centred on 0, where the GPU's approximate sin/cos (FAST) are most accurate (abs. error
+        about 1e-6); the interpreter has no approximate intrinsics and uses the exact ones.
         """
         r1, r2, r3, r4 = tl.randint4x(seed, pair)
-        rad_a = tl.sqrt(-2.0 * tl.log(_uniform(r1)))
-        rad_b = tl.sqrt(-2.0 * tl.log(_uniform(r3)))
-        th_a = 6.283185307179586 * _uniform(r2)
-        th_b = 6.283185307179586 * _uniform(r4)
-        n1 = tl.interleave(rad_a * tl.cos(th_a), rad_b * tl.cos(th_b))
-        n2 = tl.interleave(rad_a * tl.sin(th_a), rad_b * tl.sin(th_b))
+        th_a = 6.283185307179586 * (_uniform(r2) - 0.5)
+        th_b = 6.283185307179586 * (_uniform(r4) - 0.5)
+        if FAST:
+            rad_a = tl.sqrt(-2.0 * libdevice.fast_logf(_uniform(r1)))
+            rad_b = tl.sqrt(-2.0 * libdevice.fast_logf(_uniform(r3)))
+            n1 = tl.interleave(rad_a * libdevice.fast_cosf(th_a), rad_b * libdevice.fast_cosf(th_b))
+            n2 = tl.interleave(rad_a * libdevice.fast_sinf(th_a), rad_b * libdevice.fast_sinf(th_b))
+        else:
+            rad_a = tl.sqrt(-2.0 * tl.log(_uniform(r1)))
+            rad_b = tl.sqrt(-2.0 * tl.log(_uniform(r3)))
+            n1 = tl.interleave(rad_a * tl.cos(th_a), rad_b * tl.cos(th_b))
+            n2 = tl.interleave(rad_a * tl.sin(th_a), rad_b * tl.sin(th_b))
         return n1, n2
 
     @triton.jit
-    def _minmax_norm(x, lo, hi):
-        """(x - lo) / (hi - lo) correctly rounded (so the max maps to exactly 1 and its dim gets
-        exactly no noise), or 0 for a constant row, matching minmax()."""
-        span = hi - lo
-        return tl.where(span > 0, tl.math.div_rn(x - lo, tl.where(span > 0, span, 1.0)), 0.0)
-
-    @triton.jit
-    def _dual_noise_kernel(z_ptr, s_ptr, v_ptr, out_ptr, D,
+    def _dual_noise_kernel(z_ptr, s_ptr, v_ptr, out_ptr, B, D,
                            stride_zb, stride_zd, stride_sb, stride_sd, stride_v, stride_ob,
                            sigma_g, sigma_v, lam, seed,
-                           BLOCK_D: tl.constexpr, SINGLE: tl.constexpr):
-        row = tl.program_id(0)
+                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr):
+        """ROWS rows per program; v_bar's min-max and v_hat are computed once per program."""
         # Python floats arrive as fp64 from inductor-generated launches: compute in fp32 as the
         # reference does (v_bar.float() < lam compares in float32).
         sigma_g = tl.cast(sigma_g, tl.float32)
         sigma_v = tl.cast(sigma_v, tl.float32)
         lam = tl.cast(lam, tl.float32)
-        z_row = z_ptr + row.to(tl.int64) * stride_zb
-        s_row = s_ptr + row.to(tl.int64) * stride_sb
-        o_row = out_ptr + row.to(tl.int64) * stride_ob
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < B
+        rows64 = rows.to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
-        if SINGLE:
-            m = cols < D
-            s = tl.load(s_row + cols * stride_sd, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + cols * stride_v, mask=m, other=0.0).to(tl.float32)
-            s_lo = tl.min(tl.where(m, s, float("inf")), axis=0)
-            s_hi = tl.max(tl.where(m, s, float("-inf")), axis=0)
-            v_lo = tl.min(tl.where(m, v, float("inf")), axis=0)
-            v_hi = tl.max(tl.where(m, v, float("-inf")), axis=0)
-        else:
-            s_lo_v = tl.full([BLOCK_D], float("inf"), tl.float32)
-            s_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
-            v_lo_v = tl.full([BLOCK_D], float("inf"), tl.float32)
-            v_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                c = d0 + cols
-                m = c < D
-                s = tl.load(s_row + c * stride_sd, mask=m, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + c * stride_v, mask=m, other=0.0).to(tl.float32)
-                s_lo_v = tl.minimum(s_lo_v, tl.where(m, s, float("inf")))
-                s_hi_v = tl.maximum(s_hi_v, tl.where(m, s, float("-inf")))
-                v_lo_v = tl.minimum(v_lo_v, tl.where(m, v, float("inf")))
-                v_hi_v = tl.maximum(v_hi_v, tl.where(m, v, float("-inf")))
-            s_lo = tl.min(s_lo_v, axis=0)
-            s_hi = tl.max(s_hi_v, axis=0)
-            v_lo = tl.min(v_lo_v, axis=0)
-            v_hi = tl.max(v_hi_v, axis=0)
         half = tl.arange(0, BLOCK_D // 2)
-        pairs_per_row = (D + 1) // 2
 
+        # Pass 1: per-row min/max of s (Eq. 4) and min/max of v_bar over d (Eq. 6).
+        s_lo_v = tl.full([ROWS, BLOCK_D], float("inf"), tl.float32)
+        s_hi_v = tl.full([ROWS, BLOCK_D], float("-inf"), tl.float32)
+        v_lo_v = tl.full([BLOCK_D], float("inf"), tl.float32)
+        v_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
-            m = c < D
-            if SINGLE:
-                sc = s
-                vc = v
-            else:  # wide rows: the second sweep re-reads s and v_bar (cache hits)
-                sc = tl.load(s_row + c * stride_sd, mask=m, other=0.0).to(tl.float32)
-                vc = tl.load(v_ptr + c * stride_v, mask=m, other=0.0).to(tl.float32)
-            z = tl.load(z_row + c * stride_zd, mask=m, other=0.0)
-            # Counter = (row, column pair): the same seed gives the same noise for any block size.
-            n1, n2 = _normals(seed, row * pairs_per_row + d0 // 2 + half)
-            eps_g = sigma_g * (1.0 - _minmax_norm(sc, s_lo, s_hi)) * n1                       # Eq. 5
-            eps_v = tl.where(vc < lam, sigma_v * (1.0 - _minmax_norm(vc, v_lo, v_hi)) * n2, 0.0)  # Eq. 6
+            cm = c < D
+            m2 = rmask[:, None] & cm[None, :]
+            s = tl.load(s_ptr + rows64[:, None] * stride_sb + c[None, :] * stride_sd, mask=m2, other=0.0)
+            s = s.to(tl.float32)
+            v = tl.load(v_ptr + c * stride_v, mask=cm, other=0.0).to(tl.float32)
+            s_lo_v = tl.minimum(s_lo_v, tl.where(m2, s, float("inf")))
+            s_hi_v = tl.maximum(s_hi_v, tl.where(m2, s, float("-inf")))
+            v_lo_v = tl.minimum(v_lo_v, tl.where(cm, v, float("inf")))
+            v_hi_v = tl.maximum(v_hi_v, tl.where(cm, v, float("-inf")))
+        s_lo = tl.where(rmask, tl.min(s_lo_v, axis=1), 0.0)[:, None]  # rows past B: no inf - inf
+        s_hi = tl.where(rmask, tl.max(s_hi_v, axis=1), 0.0)[:, None]
+        s_span = s_hi - s_lo
+        s_inv = tl.where(s_span > 0, 1.0 / tl.where(s_span > 0, s_span, 1.0), 0.0)
+        s_top = tl.where(s_span > 0, 1.0, 0.0)
+        v_lo = tl.min(v_lo_v, axis=0)
+        v_hi = tl.max(v_hi_v, axis=0)
+        v_span = v_hi - v_lo
+        v_inv = tl.where(v_span > 0, 1.0 / tl.where(v_span > 0, v_span, 1.0), 0.0)
+        v_top = tl.where(v_span > 0, 1.0, 0.0)
+        pairs_per_row = (D + 1) // 2
+
+        # Pass 2 (for rows up to BLOCK_D wide, the loads above are reused from registers).
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            cm = c < D
+            m2 = rmask[:, None] & cm[None, :]
+            if not SINGLE:  # wide rows: re-read s and v_bar (cache hits)
+                s = tl.load(s_ptr + rows64[:, None] * stride_sb + c[None, :] * stride_sd, mask=m2, other=0.0)
+                s = s.to(tl.float32)
+                v = tl.load(v_ptr + c * stride_v, mask=cm, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows64[:, None] * stride_zb + c[None, :] * stride_zd, mask=m2, other=0.0)
+            # (x - lo) / span, with the maximum mapped to exactly 1 so that its dim gets exactly
+            # no noise, and a constant row to 0 (full noise), as minmax() does.
+            s_hat = tl.where(s == s_hi, s_top, (s - s_lo) * s_inv)
+            v_hat = tl.where(v == v_hi, v_top, (v - v_lo) * v_inv)
+            # Counter = (row, column pair): the same seed gives the same noise for any block shape.
+            pair = rows[:, None] * pairs_per_row + (d0 // 2 + half)[None, :]
+            n1, n2 = _normals(seed, pair, FAST)
+            eps_g = sigma_g * (1.0 - s_hat) * n1                                                # Eq. 5
+            eps_v = tl.where((v < lam)[None, :], (sigma_v * (1.0 - v_hat))[None, :] * n2, 0.0)  # Eq. 6
             out = z.to(tl.float32) + eps_g + eps_v
-            tl.store(o_row + c, out.to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(out_ptr + rows64[:, None] * stride_ob + c[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
     def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
                 lam: float, seed: int) -> torch.Tensor:
@@ -155,12 +166,14 @@ if HAS_TRITON:
         if b == 0 or skip_launch(z, s, v_bar):
             return out
         block = max(2, min(triton.next_power_of_2(d), MAX_SINGLE_BLOCK))  # even: whole pairs
-        wrap_triton(_dual_noise_kernel)[(b,)](
-            z, s, v_bar, out, d,
+        rows = TUNING["rows"]
+        fast = TUNING["fast"] and not INTERPRET
+        wrap_triton(_dual_noise_kernel)[(triton.cdiv(b, rows),)](
+            z, s, v_bar, out, b, d,
             z.stride(0), z.stride(1), s.stride(0), s.stride(1), v_bar.stride(0), out.stride(0),
             sigma_g, sigma_v, lam, seed,
-            BLOCK_D=block, SINGLE=d <= block,
-            num_warps=TUNING["num_warps"] or (4 if block <= 1024 else 8))
+            ROWS=rows, BLOCK_D=block, SINGLE=d <= block, FAST=fast,
+            num_warps=TUNING["num_warps"] or (4 if block * rows <= 1024 else 8))
         return out
 
     @torch.library.triton_op("fastsynth::dual_noise_fused", mutates_args=())
@@ -187,9 +200,7 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
             raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
         seed = int(seed) % (2 ** 63)  # Philox keys are 64-bit; negative seeds wrap like torch's
         args = (z.detach(), s.detach(), v_bar.detach(), float(sigma_g), float(sigma_v), float(lam), seed)
-        if torch.compiler.is_compiling():  # traced into the graph as fastsynth::dual_noise_fused
-            return torch.ops.fastsynth.dual_noise_fused(*args)
-        return _launch(*args)  # eager: no custom-op dispatch layers on the host
+        return torch.ops.fastsynth.dual_noise_fused(*args)  # eager and compiled alike (see info_nce)
 
 
 def _check(z, s, v_bar):

@@ -205,11 +205,8 @@ class FeatureBank(nn.Module):
         if resolve_impl(self.impl, self.bank.device.type, HAS_TRITON_KERNEL) == "triton":
             if z.stride(1) != 1:
                 z = z.contiguous()
-            state = (self.bank, self.count, self.mean, self.m2, self.var, self.done)
-            if torch.compiler.is_compiling():  # traced as fastsynth::feature_bank_update
-                torch.ops.fastsynth.feature_bank_update(z, *state)
-            else:  # eager: no custom-op dispatch layers on the host
-                _launch(z, *state)
+            torch.ops.fastsynth.feature_bank_update(z, self.bank, self.count, self.mean, self.m2, self.var,
+                                                    self.done)
             return
         b = z.shape[0]
         # Pointer arithmetic stays on the device: reading it on the host would synchronise.

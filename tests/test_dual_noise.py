@@ -39,12 +39,17 @@ def test_same_seed_same_output_and_different_seed_differs(impl, kdev, poison):
     assert not torch.allclose(a, c)
 
 
-def test_triton_noise_independent_of_block_size(kdev, monkeypatch):
-    """Counter = element index: the chunked (wide-row) path draws the same numbers."""
-    z, s, v = torch.randn(3, 700, device=kdev), torch.rand(3, 700, device=kdev), torch.rand(700, device=kdev)
+def test_triton_noise_independent_of_block_shape(kdev, monkeypatch, poison):
+    """Counter = (row, column pair): the chunked (wide-row) path and several rows per program
+    draw the same numbers; a last program with fewer rows than ROWS writes only its own."""
+    z, s, v = torch.randn(7, 700, device=kdev), torch.rand(7, 700, device=kdev), torch.rand(700, device=kdev)
     single = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=9, impl="triton")
+    monkeypatch.setitem(mod.TUNING, "rows", 4)
+    four_rows = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=9, impl="triton")
     monkeypatch.setattr(mod, "MAX_SINGLE_BLOCK", 128)
     chunked = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=9, impl="triton")
+    assert torch.isfinite(four_rows).all() and torch.isfinite(chunked).all()
+    torch.testing.assert_close(four_rows, single, rtol=0, atol=1e-6)
     torch.testing.assert_close(chunked, single, rtol=0, atol=1e-6)
 
 
