@@ -466,10 +466,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench.json", help="JSON written after every case (default: bench.json)")
     p.add_argument("--rep-ms", type=float, default=200, help="do_bench time budget per measurement, ms")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(fullgraph=True) case")
-    p.add_argument("--only", default="", help="comma-separated substrings: run only cases whose name has one")
+    p.add_argument("--only", default="", help="comma-separated substrings ('+' for a space): run only cases "
+                   "whose name has one")
     args = p.parse_args(argv)
     RESULT["env"] = environment()
-    ONLY[:] = [o for o in args.only.split(",") if o]
+    ONLY[:] = [o.replace("+", " ") for o in args.only.split(",") if o]
     if not torch.cuda.is_available():
         RESULT["error"] = "no CUDA device: nothing to time"
         save(args.out)
