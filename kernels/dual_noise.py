@@ -109,22 +109,34 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_D)
         half = tl.arange(0, BLOCK_D // 2)
 
-        # Pass 1: per-row min/max of s (Eq. 4) and min/max of v_bar over d (Eq. 6).
-        s_lo_v = tl.full([ROWS, BLOCK_D], float("inf"), tl.float32)
-        s_hi_v = tl.full([ROWS, BLOCK_D], float("-inf"), tl.float32)
-        v_lo_v = tl.full([BLOCK_D], float("inf"), tl.float32)
-        v_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            c = d0 + cols
-            cm = c < D
+        # Pass 1: per-row min/max of s (Eq. 4) and min/max of v_bar over d (Eq. 6). Rows up to
+        # BLOCK_D wide are loaded once and kept in registers for pass 2 (SINGLE).
+        if SINGLE:
+            cm = cols < D
             m2 = rmask[:, None] & cm[None, :]
-            s = tl.load(s_ptr + rows64[:, None] * stride_sb + c[None, :] * stride_sd, mask=m2, other=0.0)
+            s = tl.load(s_ptr + rows64[:, None] * stride_sb + cols[None, :] * stride_sd, mask=m2, other=0.0)
             s = s.to(tl.float32)
-            v = tl.load(v_ptr + c * stride_v, mask=cm, other=0.0).to(tl.float32)
-            s_lo_v = tl.minimum(s_lo_v, tl.where(m2, s, float("inf")))
-            s_hi_v = tl.maximum(s_hi_v, tl.where(m2, s, float("-inf")))
-            v_lo_v = tl.minimum(v_lo_v, tl.where(cm, v, float("inf")))
-            v_hi_v = tl.maximum(v_hi_v, tl.where(cm, v, float("-inf")))
+            v = tl.load(v_ptr + cols * stride_v, mask=cm, other=0.0).to(tl.float32)
+            s_lo_v = tl.where(m2, s, float("inf"))
+            s_hi_v = tl.where(m2, s, float("-inf"))
+            v_lo_v = tl.where(cm, v, float("inf"))
+            v_hi_v = tl.where(cm, v, float("-inf"))
+        else:
+            s_lo_v = tl.full([ROWS, BLOCK_D], float("inf"), tl.float32)
+            s_hi_v = tl.full([ROWS, BLOCK_D], float("-inf"), tl.float32)
+            v_lo_v = tl.full([BLOCK_D], float("inf"), tl.float32)
+            v_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                c = d0 + cols
+                cm = c < D
+                m2 = rmask[:, None] & cm[None, :]
+                sw = tl.load(s_ptr + rows64[:, None] * stride_sb + c[None, :] * stride_sd, mask=m2, other=0.0)
+                sw = sw.to(tl.float32)
+                vw = tl.load(v_ptr + c * stride_v, mask=cm, other=0.0).to(tl.float32)
+                s_lo_v = tl.minimum(s_lo_v, tl.where(m2, sw, float("inf")))
+                s_hi_v = tl.maximum(s_hi_v, tl.where(m2, sw, float("-inf")))
+                v_lo_v = tl.minimum(v_lo_v, tl.where(cm, vw, float("inf")))
+                v_hi_v = tl.maximum(v_hi_v, tl.where(cm, vw, float("-inf")))
         s_lo = tl.where(rmask, tl.min(s_lo_v, axis=1), 0.0)[:, None]  # rows past B: no inf - inf
         s_hi = tl.where(rmask, tl.max(s_hi_v, axis=1), 0.0)[:, None]
         s_span = s_hi - s_lo
@@ -137,25 +149,29 @@ if HAS_TRITON:
         v_top = tl.where(v_span > 0, 1.0, 0.0)
         pairs_per_row = (D + 1) // 2
 
-        # Pass 2 (for rows up to BLOCK_D wide, the loads above are reused from registers).
+        # Pass 2. (Triton scopes names bound inside a loop body to it: the wide-row loads get
+        # their own names, sc/vc, bound in both branches of the compile-time `if`.)
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
             cm = c < D
             m2 = rmask[:, None] & cm[None, :]
-            if not SINGLE:  # wide rows: re-read s and v_bar (cache hits)
-                s = tl.load(s_ptr + rows64[:, None] * stride_sb + c[None, :] * stride_sd, mask=m2, other=0.0)
-                s = s.to(tl.float32)
-                v = tl.load(v_ptr + c * stride_v, mask=cm, other=0.0).to(tl.float32)
+            if SINGLE:
+                sc = s
+                vc = v
+            else:  # wide rows: re-read s and v_bar (cache hits)
+                sc = tl.load(s_ptr + rows64[:, None] * stride_sb + c[None, :] * stride_sd, mask=m2, other=0.0)
+                sc = sc.to(tl.float32)
+                vc = tl.load(v_ptr + c * stride_v, mask=cm, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + rows64[:, None] * stride_zb + c[None, :] * stride_zd, mask=m2, other=0.0)
             # (x - lo) / span, with the maximum mapped to exactly 1 so that its dim gets exactly
             # no noise, and a constant row to 0 (full noise), as minmax() does.
-            s_hat = tl.where(s == s_hi, s_top, (s - s_lo) * s_inv)
-            v_hat = tl.where(v == v_hi, v_top, (v - v_lo) * v_inv)
+            s_hat = tl.where(sc == s_hi, s_top, (sc - s_lo) * s_inv)
+            v_hat = tl.where(vc == v_hi, v_top, (vc - v_lo) * v_inv)
             # Counter = (row, column pair): the same seed gives the same noise for any block shape.
             pair = rows[:, None] * pairs_per_row + (d0 // 2 + half)[None, :]
             n1, n2 = _normals(seed, pair, FAST)
             eps_g = sigma_g * (1.0 - s_hat) * n1                                                # Eq. 5
-            eps_v = tl.where((v < lam)[None, :], (sigma_v * (1.0 - v_hat))[None, :] * n2, 0.0)  # Eq. 6
+            eps_v = tl.where((vc < lam)[None, :], (sigma_v * (1.0 - v_hat))[None, :] * n2, 0.0)  # Eq. 6
             out = z.to(tl.float32) + eps_g + eps_v
             tl.store(out_ptr + rows64[:, None] * stride_ob + c[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
 
