@@ -15,9 +15,10 @@ from ._dispatch import HAS_TRITON, INTERPRET, resolve_impl, skip_launch, tl, tri
 
 HAS_TRITON_KERNEL = HAS_TRITON
 MAX_SINGLE_BLOCK = 4096  # rows up to this width are normalised and perturbed from registers
-# Launch choices (bench/gpu_bench.py sweeps them on a GPU): rows per program; approximate
-# log/sin/cos for Box-Muller on the GPU (the kernel is bound by instructions, not memory);
-# num_warps None = 4 up to 1024 elements per program, else 8.
+# Launch choices, swept on an H200 (bench/results/2026-11-26-h200-run4.json, B = 8192, d = 2048,
+# bf16): one row per program, 4 warps, approximate log/sin/cos for Box-Muller (the kernel is
+# bound by instructions, not memory: 143 us with the exact functions, 73 us with these).
+# num_warps None = 4 up to 2048 elements per program, else 8.
 TUNING = {"rows": 1, "fast": True, "num_warps": None}
 
 
@@ -189,7 +190,7 @@ if HAS_TRITON:
             z.stride(0), z.stride(1), s.stride(0), s.stride(1), v_bar.stride(0), out.stride(0),
             sigma_g, sigma_v, lam, seed,
             ROWS=rows, BLOCK_D=block, SINGLE=d <= block, FAST=fast,
-            num_warps=TUNING["num_warps"] or (4 if block * rows <= 1024 else 8))
+            num_warps=TUNING["num_warps"] or (4 if block * rows <= 2048 else 8))
         return out
 
     @torch.library.triton_op("fastsynth::dual_noise_fused", mutates_args=())

@@ -95,6 +95,14 @@ def test_step_with_triton_kernels_matches_reference(monkeypatch):
     torch.testing.assert_close(v_tri, v_ref, rtol=1e-5, atol=1e-7)
 
 
+def test_impl_flag_picks_kernel_impl():
+    """--impl reference keeps every op on the PyTorch reference; --impl fast lets each op pick
+    Triton for CUDA tensors (auto)."""
+    ref, fast = SynthSSL(_tiny_cfg(impl="reference")), SynthSSL(_tiny_cfg(impl="fast"))
+    assert ref.method.kernel_impl == ref.synth.kernel_impl == ref.synth.bank.impl == "torch"
+    assert fast.method.kernel_impl == fast.synth.kernel_impl == fast.synth.bank.impl == "auto"
+
+
 def test_synth_off_and_noise_none():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
