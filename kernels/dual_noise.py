@@ -108,6 +108,7 @@ if HAS_TRITON:
         rmask = rows < B
         rows64 = rows.to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
+        cols64 = cols.to(tl.int64)  # strided (e.g. transposed) inputs: offsets past 2^31
         half = tl.arange(0, BLOCK_D // 2)
 
         # Pass 1: per-row min/max of s (Eq. 4) and min/max of v_bar over d (Eq. 6). Rows up to
@@ -115,9 +116,9 @@ if HAS_TRITON:
         if SINGLE:
             cm = cols < D
             m2 = rmask[:, None] & cm[None, :]
-            s = tl.load(s_ptr + rows64[:, None] * stride_sb + cols[None, :] * stride_sd, mask=m2, other=0.0)
+            s = tl.load(s_ptr + rows64[:, None] * stride_sb + cols64[None, :] * stride_sd, mask=m2, other=0.0)
             s = s.to(tl.float32)
-            v = tl.load(v_ptr + cols * stride_v, mask=cm, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + cols64 * stride_v, mask=cm, other=0.0).to(tl.float32)
             s_lo_v = tl.where(m2, s, float("inf"))
             s_hi_v = tl.where(m2, s, float("-inf"))
             v_lo_v = tl.where(cm, v, float("inf"))
@@ -129,11 +130,12 @@ if HAS_TRITON:
             v_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 c = d0 + cols
+                c64 = c.to(tl.int64)
                 cm = c < D
                 m2 = rmask[:, None] & cm[None, :]
-                sw = tl.load(s_ptr + rows64[:, None] * stride_sb + c[None, :] * stride_sd, mask=m2, other=0.0)
+                sw = tl.load(s_ptr + rows64[:, None] * stride_sb + c64[None, :] * stride_sd, mask=m2, other=0.0)
                 sw = sw.to(tl.float32)
-                vw = tl.load(v_ptr + c * stride_v, mask=cm, other=0.0).to(tl.float32)
+                vw = tl.load(v_ptr + c64 * stride_v, mask=cm, other=0.0).to(tl.float32)
                 s_lo_v = tl.minimum(s_lo_v, tl.where(m2, sw, float("inf")))
                 s_hi_v = tl.maximum(s_hi_v, tl.where(m2, sw, float("-inf")))
                 v_lo_v = tl.minimum(v_lo_v, tl.where(cm, vw, float("inf")))
@@ -154,16 +156,17 @@ if HAS_TRITON:
         # their own names, sc/vc, bound in both branches of the compile-time `if`.)
         for d0 in range(0, D, BLOCK_D):
             c = d0 + cols
+            c64 = c.to(tl.int64)
             cm = c < D
             m2 = rmask[:, None] & cm[None, :]
             if SINGLE:
                 sc = s
                 vc = v
             else:  # wide rows: re-read s and v_bar (cache hits)
-                sc = tl.load(s_ptr + rows64[:, None] * stride_sb + c[None, :] * stride_sd, mask=m2, other=0.0)
+                sc = tl.load(s_ptr + rows64[:, None] * stride_sb + c64[None, :] * stride_sd, mask=m2, other=0.0)
                 sc = sc.to(tl.float32)
-                vc = tl.load(v_ptr + c * stride_v, mask=cm, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows64[:, None] * stride_zb + c[None, :] * stride_zd, mask=m2, other=0.0)
+                vc = tl.load(v_ptr + c64 * stride_v, mask=cm, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows64[:, None] * stride_zb + c64[None, :] * stride_zd, mask=m2, other=0.0)
             # (x - lo) / span, with the maximum mapped to exactly 1 so that its dim gets exactly
             # no noise, and a constant row to 0 (full noise), as minmax() does.
             s_hat = tl.where(sc == s_hi, s_top, (sc - s_lo) * s_inv)
@@ -203,8 +206,10 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
                lam: float, seed: int, impl: str = "auto") -> torch.Tensor:
     """z_tilde of Sec. 3.5 (Eq. 4-6); no gradient flows (the synthesized images are detached).
 
-    impl="triton": one launch, noise from Philox keyed by (seed, element index); a different
-    random stream from the reference's torch.Generator, with the same distribution.
+    impl="triton": one launch, noise from Philox keyed by (seed, row, column pair); a different
+    random stream from the reference's torch.Generator, with the same distribution. Scores or
+    variances that are NaN give undefined rows (the GPU's min/max skip NaN, the reference's
+    propagate it); the training loop must not feed non-finite features.
     """
     _check(z, s, v_bar)
     path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL)

@@ -197,7 +197,9 @@ class FeatureBank(nn.Module):
         """Write the batch z (B x dim) over the oldest rows, wrapping around the end."""
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"FeatureBank.update: expected B x {self.dim}, got {tuple(z.shape)}")
-        z = z.detach()
+        # Statistics must describe exactly the stored (float32) values, or later evictions would
+        # remove numbers that never were added.
+        z = z.detach().to(self.bank.dtype) if z.dtype == torch.float64 else z.detach()
         if z.shape[0] > self.size:  # only the newest `size` rows survive anyway
             z = z[-self.size:]
         if z.device != self.bank.device:

@@ -217,7 +217,9 @@ if HAS_TRITON:
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, impl: str = "auto") -> torch.Tensor:
     """InfoNCE with queue (Eq. 1), mean over the batch, a float32 scalar differentiable in q only.
 
-    impl="triton": the logits and the p-weighted queue sum run in q's dtype on the tensor cores
+    impl="triton" is differentiable once (MoCo needs no more): its backward scales the dL/dq
+    computed in the forward, so a second derivative through q would be silently zero.
+    The logits and the p-weighted queue sum run in q's dtype on the tensor cores
     (a float32 queue under bfloat16 autocast is rounded tile by tile as it is read), with float32
     accumulation, softmax state and loss; dL/dq comes back in q's dtype.
     """

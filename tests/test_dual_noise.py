@@ -49,8 +49,29 @@ def test_triton_noise_independent_of_block_shape(kdev, monkeypatch, poison):
     monkeypatch.setattr(mod, "MAX_SINGLE_BLOCK", 128)
     chunked = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=9, impl="triton")
     assert torch.isfinite(four_rows).all() and torch.isfinite(chunked).all()
-    torch.testing.assert_close(four_rows, single, rtol=0, atol=1e-6)
-    torch.testing.assert_close(chunked, single, rtol=0, atol=1e-6)
+    assert torch.equal(four_rows, single) and torch.equal(chunked, single)
+
+
+def test_triton_strided_inputs_read_through_strides(kdev, poison):
+    """Transposed z and s, every other v_bar: the same numbers as contiguous copies."""
+    b, d = 9, 301
+    z_t = torch.randn(d, b, device=kdev).t()                  # b x d, column-major
+    s_t = torch.rand(d, b, device=kdev).t()
+    v_wide = torch.rand(2 * d, device=kdev)
+    v = v_wide[::2]
+    assert not z_t.is_contiguous() and not s_t.is_contiguous() and v.stride(0) == 2
+    strided = dual_noise(z_t, s_t, v, 0.6, 0.8, 0.5, seed=4, impl="triton")
+    contiguous = dual_noise(z_t.contiguous(), s_t.contiguous(), v.contiguous(), 0.6, 0.8, 0.5, seed=4, impl="triton")
+    assert torch.equal(strided, contiguous)
+
+
+def test_triton_noise_never_reuses_a_counter(kdev):
+    """Odd d: a row's last column pair is half empty, and the next row must not reuse its
+    counter. Reused counters would show up as repeated noise values."""
+    b, d = 64, 333
+    z = torch.zeros(b, d, device=kdev)
+    noise = dual_noise(z, torch.zeros_like(z), torch.ones(d, device=kdev), 1.0, 0.0, 0.5, seed=2, impl="triton")
+    assert torch.unique(noise).numel() > noise.numel() - 5   # chance ties only, not b - 1 repeats
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -63,6 +84,12 @@ def test_degenerate_rows_do_not_nan(impl, kdev, poison):
     out = dual_noise(z, s, v, 1.0, 1.0, 0.02, seed=0, impl=impl)
     assert torch.isfinite(out).all()
     assert torch.equal(minmax(s[1:2]), torch.zeros(1, 16, device=dev))
+    # Constant rows carry no ranking: s_hat = v_hat = 0, every dim gets both terms in full,
+    # std sqrt(sigma_g^2 + sigma_v^2) (v_bar = 0.01 < lam = 0.02).
+    wide = torch.full((4, 4096), 3.0, device=dev)
+    noise = dual_noise(torch.zeros_like(wide), wide, torch.full((4096,), 0.01, device=dev), 0.6, 0.8, 0.02,
+                       seed=1, impl=impl)
+    assert abs(noise.std().item() - 1.0) < 0.03
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -68,6 +68,9 @@ def test_streaming_survives_cancellation(impl, kdev):
     exact = bank.bank.cpu().double().var(dim=0)           # float64 recompute over the stored rows
     got = bank.variance().cpu().double()
     assert ((got - exact).abs() / exact).max() < 1e-5
+    # The float64 accumulators themselves stay far tighter (a float32 slip would be ~1e-5).
+    from_m2 = bank.m2.cpu() / (size - 1)
+    assert ((from_m2 - exact).abs() / exact).max() < 1e-10
     naive = _naive_float32_variance(batches, size).double()
     assert ((naive - exact).abs() / exact).max() > 1e-3   # the test would catch the naive method
 
@@ -105,12 +108,24 @@ def test_partial_fill_and_empty(impl, kdev):
     torch.testing.assert_close(bank.variance(), bank.bank[:5].var(dim=0), rtol=1e-5, atol=1e-6)
 
 
-def test_triton_half_precision_and_strided_input(kdev):
-    bank = _bank(16, 8, "triton", kdev)
-    z = torch.randn(6, 16, device=kdev)[:, ::2]                 # strided rows
-    bank.update(z.half())                                       # stored as float32
-    torch.testing.assert_close(bank.bank[:6], z.half().float())
-    torch.testing.assert_close(bank.variance(), z.half().float().var(dim=0), rtol=1e-5, atol=1e-6)
+def test_triton_half_precision_and_strided_input(kdev, poison):
+    bank, ref = _bank(16, 8, "triton", kdev), FeatureBank(16, 8, impl="torch")
+    z_half = torch.randn(6, 8, device=kdev).half()                  # stored as float32
+    wide = torch.randn(5, 24, device=kdev)[:, 4:12]                 # row stride 24, unit column stride
+    every_other = torch.randn(4, 16, device=kdev)[:, ::2]           # column stride 2
+    z64 = torch.randn(3, 8, dtype=torch.float64, device=kdev) * 1e3 + 1 / 3  # rounded when stored
+    assert wide.stride() == (24, 1) and every_other.stride() == (16, 2)
+    for z in (z_half, wide, every_other):
+        bank.update(z)
+        ref.update(z.cpu())
+    rows = torch.cat([z_half.float(), wide, every_other]).cpu()      # 15 rows: not yet full
+    torch.testing.assert_close(bank.bank[:15].cpu(), rows)
+    torch.testing.assert_close(bank.variance().cpu(), rows.var(dim=0), rtol=1e-5, atol=1e-6)
+    for _ in range(6):  # wrap around with float64 input: evictions must remove what was stored
+        bank.update(z64)
+        ref.update(z64.cpu())
+    torch.testing.assert_close(bank.bank.cpu(), ref.bank)
+    torch.testing.assert_close(bank.m2.cpu(), ref.m2, rtol=1e-9, atol=1e-6)
 
 
 def test_compiles_without_graph_break(kdev):
