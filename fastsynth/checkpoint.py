@@ -61,3 +61,77 @@ class RunDir:
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)
         os.replace(tmp, self.file(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact continuation: RNG states and the rotating set of SSL checkpoints
+# ---------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Every generator a step draws from, as tensors and plain numbers (weights_only-loadable)."""
+    import random
+
+    import numpy as np
+
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [np_name, torch.from_numpy(np_keys.astype("int64")),
+                                                             int(np_pos), int(np_has_gauss), float(np_gauss)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+LAST = "last.pt"
+
+
+def rotate_and_save(state: dict, run: "RunDir", keep: int) -> str:
+    """Write `last.pt` atomically; the previous one becomes `ssl-step<N>.pt`; keep the newest
+    `keep` checkpoints in all, so a corrupt newest file still leaves one to fall back on."""
+    last = run.file(LAST)
+    if os.path.isfile(last) and keep > 1:
+        try:
+            prev_step = int(torch.load(last, map_location="cpu", weights_only=True).get("step", -1))
+        except Exception:  # noqa: BLE001 - a corrupt last.pt is not worth keeping
+            prev_step = -1
+        if prev_step >= 0:
+            os.replace(last, run.file(f"ssl-step{prev_step:08d}.pt"))
+    save_atomic(state, last)
+    older = sorted(f for f in os.listdir(run.path) if f.startswith("ssl-step") and f.endswith(".pt"))
+    for name in older[:max(0, len(older) - (keep - 1))]:
+        os.remove(run.file(name))
+    return last
+
+
+def newest_valid(run: "RunDir", stage: str = "ssl") -> tuple[str, dict] | None:
+    """(path, checkpoint) of the newest loadable `stage` checkpoint in the run folder, or None.
+
+    A truncated or corrupt file (a crash mid-copy, a full disk) is reported and skipped.
+    """
+    older = sorted((f for f in os.listdir(run.path) if f.startswith("ssl-step") and f.endswith(".pt")), reverse=True)
+    for name in [LAST, *older]:
+        path = run.file(name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            ckpt = load(path)
+        except CheckpointError as e:
+            print(f"warning: {e}; trying the previous checkpoint")
+            continue
+        if ckpt.get("stage") == stage:
+            return path, ckpt
+    return None

@@ -30,6 +30,13 @@ CHOICES = {
 }
 
 HELP = {
+    "resume": "continue an interrupted run: 'auto' (the newest valid checkpoint in --output-dir) or a "
+              "checkpoint path; the checkpoint's config is used, run-control flags from this command",
+    "keep_checkpoints": "SSL checkpoints kept in the run folder (last.pt and the older ones beside it)",
+    "checkpoint_every": "also checkpoint every N SSL steps (0: at each epoch end only; SIGTERM/Ctrl-C "
+                        "always checkpoint at the next step boundary)",
+    "max_bad_steps": "stop after this many non-finite (skipped) steps in a row",
+    "deterministic": "deterministic algorithms; with --workers 0 a resumed run equals an uninterrupted one",
     "dataset": "synthetic (embedded, default) | aircraft | cub | cars | folder",
     "data_root": "folder holding the dataset (required for real datasets)",
     "download": "download the dataset with torchvision's downloader where one exists",
@@ -113,6 +120,12 @@ class Config:
     seed: int = 0
     device: str = "auto"
     log_every: int = 20
+    # interruptions and numerical trouble
+    resume: Optional[str] = None
+    keep_checkpoints: int = 3
+    checkpoint_every: int = 0
+    max_bad_steps: int = 20
+    deterministic: bool = False
 
     def effective_lr(self) -> float:
         return self.lr * self.batch_size / 256
@@ -143,8 +156,23 @@ class Config:
             raise ConfigError(f"--tau must be positive, got {self.tau}")
         if min(self.sigma_g, self.sigma_v, self.alpha, self.nu) < 0:
             raise ConfigError("--sigma-g, --sigma-v, --alpha and --nu must be >= 0")
-        if self.image_size % 8:
-            raise ConfigError(f"--image-size must be a multiple of 8 (decoder upsampling), got {self.image_size}")
+        if self.image_size % 8 or self.image_size < 16:
+            raise ConfigError(f"--image-size must be a multiple of 8 and at least 16 (decoder upsampling), "
+                              f"got {self.image_size}")
+        if not 0 <= self.lam <= 1:
+            raise ConfigError(f"--lam must be in [0, 1] (it thresholds the unit-norm variance vector), got {self.lam}")
+        if self.method == "mocov2" and self.queue_size < self.batch_size:
+            raise ConfigError(f"--queue-size {self.queue_size} is smaller than --batch-size {self.batch_size}: "
+                              "each step enqueues a whole batch of keys")
+        if self.synth == "on" and self.bank_size < 2:
+            raise ConfigError(f"--bank-size must be at least 2 (a variance needs two rows), got {self.bank_size}")
+        for name, low in (("keep_checkpoints", 1), ("checkpoint_every", 0), ("max_bad_steps", 0),
+                          ("workers", 0), ("warmup_epochs", 0), ("log_every", 1), ("probe_epochs", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "decoder_lr", "weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         self.fractions()
         return self
 
@@ -201,7 +229,9 @@ def from_args(argv=None, description: str = "fastsynth") -> Config:
     values = {**METHOD_DEFAULTS.get(method, {}), **PRESETS[preset], "preset": preset, **given}
     if values.get("noise") == "none" and "nu" not in given:
         values["nu"] = 0.0  # METHOD.md: the `none` ablation is MoCo v2 + L_R with nu = 0
-    return Config(**values).validate()
+    cfg = Config(**values).validate()
+    cfg.given = frozenset(given)  # which flags the command line set (--resume keeps the others)
+    return cfg
 
 
 def save(cfg: Config, path: str) -> None:

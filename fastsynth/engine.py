@@ -11,10 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastsynth.checkpoint import FORMAT, RunDir, save_atomic
+from fastsynth.checkpoint import FORMAT, RunDir, rng_state, rotate_and_save, save_atomic, set_rng_state
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
-from fastsynth.data.loaders import make_loader
+from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
+from fastsynth.guard import BadSteps, StopRequest, finite_step
 from fastsynth.data.transforms import SSLViews, plain
 from fastsynth.figures import save_triplets
 from fastsynth.model import SynthSSL
@@ -62,39 +63,63 @@ def _frozen_features(model: SynthSSL, splits: Splits, cfg: Config, device: torch
     return torch.cat(feats), torch.cat(images)
 
 
-def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device: torch.device) -> dict:
-    """METHOD.md decoder warm-up: encoder frozen, Eq. 2 (MSE) on resize-only inputs, Adam."""
+def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device: torch.device,
+                   stop: StopRequest, state: dict | None = None) -> dict:
+    """METHOD.md decoder warm-up: encoder frozen, Eq. 2 (MSE) on resize-only inputs, Adam.
+
+    `state`: an unfinished warmup.pt to continue from. On a stop request the decoder, Adam and
+    the epoch's shuffling state are saved at the step boundary and {"stopped": True} returned.
+    """
     decoder = model.synth.decoder
     feats, images = _frozen_features(model, splits, cfg, device)
-    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
+    params = list(decoder.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.decoder_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, bs = feats.shape[0], min(cfg.batch_size, feats.shape[0])
     steps_per_epoch = max(1, n // bs)
-    step, last = 0, float("nan")
+    step, start_epoch, skip, last = 0, 0, 0, float("nan")
+    bad = BadSteps(cfg.max_bad_steps)
+    if state is not None:
+        decoder.load_state_dict(state["decoder"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+        print(f"continuing the decoder warm-up at epoch {start_epoch + 1}, step {step}")
     decoder.train()
-    bar = tqdm(range(cfg.warmup_epochs), desc="warm-up: decoder")
+
+    def save(epoch: int, batch: int, epoch_gen_state: torch.Tensor, complete: bool) -> None:
+        save_atomic({"format": FORMAT, "stage": "warmup", "complete": complete, "config": cfg.to_dict(),
+                     "epoch": epoch, "batch_in_epoch": batch, "step": step, "generator": epoch_gen_state,
+                     "decoder": decoder.state_dict(), "optimizer": opt.state_dict()}, run.file("warmup.pt"))
+
+    bar = tqdm(range(start_epoch, cfg.warmup_epochs), desc="warm-up: decoder")
     for epoch in bar:
+        epoch_gen_state = gen.get_state()  # the epoch's order is drawn from here: resumable
         perm = torch.randperm(n, generator=gen)
-        total = torch.zeros((), device=device)
-        for i in range(steps_per_epoch):
+        total, done = torch.zeros((), device=device), 0
+        for i in range(skip if epoch == start_epoch else 0, steps_per_epoch):
+            if stop.requested:
+                save(epoch, i, epoch_gen_state, complete=False)
+                return {"stopped": True, "warmup_steps": step}
             idx = perm[i * bs:(i + 1) * bs]
             z, x = feats[idx].to(device), images[idx].to(device).float()
             loss = F.mse_loss(decoder(z), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            total += loss.detach()
+            if bad.check(finite_step(loss, params), "warm-up", step):
+                opt.step()
+                total += loss.detach()
+                done += 1
             step += 1
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-        last = (total / (i + 1)).item()  # once per epoch
-        run.log({"stage": "warmup", "epoch": epoch, "step": step, "l_r": last})
+        last = (total / max(done, 1)).item()  # once per epoch
+        run.log({"stage": "warmup", "epoch": epoch, "step": step, "l_r": last, "bad_steps": bad.total})
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(l_r=f"{last:.4f}")
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    save_atomic({"format": FORMAT, "stage": "warmup", "config": cfg.to_dict(), "step": step,
-                 "decoder": decoder.state_dict()}, run.file("warmup.pt"))
+    save(cfg.warmup_epochs, 0, gen.get_state(), complete=True)
     return {"warmup_l_r": last, "warmup_steps": step}
 
 
@@ -104,25 +129,65 @@ def _cosine(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int) -
         g["lr"] = base_lr if g.get("fix_lr") else lr
 
 
-def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device: torch.device) -> dict:
-    """SSL training with Eq. 8 (or Eq. 1 alone with --synth off). Returns the last epoch's means."""
-    loader = make_loader(splits.train, SSLViews(cfg.image_size), cfg.batch_size, shuffle=True, drop_last=True,
-                         workers=cfg.workers, seed=cfg.seed, cache=True, pin_memory=device.type == "cuda")
-    if len(loader) == 0:
+def _collapse_check(method_name: str, ctx: dict, run: RunDir, epoch: int) -> None:
+    """SimSiam collapse: the l2-normalised outputs' per-dimension std falls from about 1/sqrt(d)
+    towards 0 (SimSiam paper, Sec. 4.1). Warn at a tenth of the healthy value."""
+    if method_name != "simsiam" or "target" not in ctx:
+        return
+    z = F.normalize(ctx["target"].float(), dim=1)
+    std, healthy = z.std(dim=0).mean().item(), z.shape[1] ** -0.5
+    run.log({"stage": "ssl", "epoch": epoch, "output_std": std, "output_std_healthy": healthy})
+    if std < 0.1 * healthy:
+        print(f"warning: SimSiam may have collapsed: output std {std:.2e} per dimension, a healthy run has about "
+              f"{healthy:.2e} (check --lr, --batch-size, the predictor)", flush=True)
+
+
+def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device: torch.device,
+              stop: StopRequest, state: dict | None = None) -> dict:
+    """SSL training with Eq. 8 (or Eq. 1 alone with --synth off). Returns the last epoch's means.
+
+    `state`: an SSL checkpoint to continue from exactly (weights, optimizers, scaler, data
+    position, RNG states). Checkpoints go to last.pt every epoch, every --checkpoint-every steps
+    and on a stop request; the previous --keep-checkpoints - 1 stay beside it.
+    """
+    dataset = FileDataset(splits.train, SSLViews(cfg.image_size), cache=cfg.workers == 0)
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)")
     base_lr = cfg.effective_lr()
     opt = torch.optim.SGD(model.method.param_groups(base_lr, cfg.weight_decay), lr=base_lr, momentum=cfg.momentum)
     dec_opt = torch.optim.Adam(model.synth.decoder.parameters(), lr=cfg.decoder_lr) if model.synth else None
+    params = [p for p in model.parameters() if p.requires_grad]
     autocast, scaler = precision(cfg, device)
-    total_steps = cfg.epochs * len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    step, epoch_means = 0, {}
+    step, start_epoch, skip, epoch_means = 0, 0, 0, {}
+    bad = BadSteps(cfg.max_bad_steps)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if dec_opt and state.get("decoder_optimizer"):
+            dec_opt.load_state_dict(state["decoder_optimizer"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+        bad.total = state.get("bad_steps", 0)
+        set_rng_state(state["rng"])
+        print(f"continuing SSL training at epoch {start_epoch + 1}, batch {skip}, step {step}")
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total)
+
     model.train()
-    for epoch in range(cfg.epochs):
-        sums, count, last = {}, 0, None  # last: (x, x_hat, x_tilde) of the newest batch
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= total_steps:
+            break
+        first = skip if epoch == start_epoch else 0
+        loader = epoch_loader(dataset, cfg.batch_size, epoch, cfg.seed, first, cfg.workers, device.type == "cuda")
+        sums, count, last, ctx = {}, 0, None, {}  # last: (x, x_hat, x_tilde) of the newest batch
         bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
-        for (x1, x2, x), _, _ in bar:
+        for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
             x1, x2, x = (t.to(device, non_blocking=True) for t in (x1, x2, x))
             _cosine(opt, base_lr, step, total_steps)
             with autocast():
@@ -131,40 +196,55 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             opt.zero_grad(set_to_none=True)
             if dec_opt:
                 dec_opt.zero_grad(set_to_none=True)
-            if scaler:
+            if scaler:  # float16: the GradScaler skips steps with inf/NaN gradients itself
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 if dec_opt:
                     scaler.step(dec_opt)
                 scaler.update()
+                good = True
             else:
                 loss.backward()
-                opt.step()
-                if dec_opt:
-                    dec_opt.step()
-            model.method.after_step(ctx)
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            count, step = count + 1, step + 1
+                good = bad.check(finite_step(loss, params), "SSL", step)
+                if good:
+                    opt.step()
+                    if dec_opt:
+                        dec_opt.step()
+            if good:  # a skipped step must not move the key encoder or put its keys in the queue
+                model.method.after_step(ctx)
+                for k, v in {"loss": loss, **parts}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                count += 1
+            step += 1
             if out is not None and out["x_tilde"] is not None:  # what the figure needs, no graph
                 last = (x, out["x_hat"], out["x_tilde"])
-            if step % cfg.log_every == 0 and hasattr(bar, "set_postfix"):
+            if count and step % cfg.log_every == 0 and hasattr(bar, "set_postfix"):
                 bar.set_postfix({k: f"{(v / count).item():.3f}" for k, v in sums.items()})
+            # Checkpoints at the end of a step, before the loader draws the next batch's
+            # augmentations: the saved RNG state is the one the next step starts from.
+            if stop.requested:
+                checkpoint(*((epoch, i + 1) if i + 1 < steps_per_epoch else (epoch + 1, 0)))
+                return {"stopped": True, "ssl_steps": step}
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                checkpoint(epoch, i + 1)
             if step >= total_steps:
                 break
-        epoch_means = {k: (v / count).item() for k, v in sums.items()}
-        run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"], **epoch_means})
-        save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, step)
+        epoch_means = {k: (v / max(count, 1)).item() for k, v in sums.items()}
+        run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
+                 "bad_steps": bad.total, **epoch_means})
+        _collapse_check(cfg.method, ctx, run, epoch)
+        checkpoint(epoch + 1, 0)
         if last is not None:
             save_triplets(*last, run.file("triplets.png"))
-        if step >= total_steps:
-            break
-    return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step}
+    return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step, "bad_steps": bad.total}
 
 
-def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, step: int) -> None:
-    state = {"format": FORMAT, "stage": "ssl", "config": cfg.to_dict(), "epoch": epoch, "step": step,
+def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, batch_in_epoch: int,
+                    step: int, bad_steps: int = 0) -> None:
+    """Everything an exact continuation needs; (epoch, batch_in_epoch) is the next batch to read."""
+    state = {"format": FORMAT, "stage": "ssl", "config": cfg.to_dict(), "epoch": epoch,
+             "batch_in_epoch": batch_in_epoch, "step": step, "bad_steps": bad_steps,
              "model": model.state_dict(), "optimizer": opt.state_dict(),
              "decoder_optimizer": dec_opt.state_dict() if dec_opt else None,
-             "scaler": scaler.state_dict() if scaler else None}
-    save_atomic(state, run.file("last.pt"))
+             "scaler": scaler.state_dict() if scaler else None, "rng": rng_state()}
+    rotate_and_save(state, run, cfg.keep_checkpoints)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import time
 
@@ -16,8 +17,14 @@ import numpy as np
 import torch
 
 from fastsynth import checkpoint
-from fastsynth.config import ConfigError, from_args, save
+from fastsynth.config import ConfigError, from_args, from_dict, save
 from fastsynth.data.base import DatasetError
+from fastsynth.guard import StopRequest, TrainingError
+
+# Flags that steer this invocation rather than define the experiment: on --resume, those given on
+# the command line apply; everything else comes from the checkpoint's config.
+RUN_CONTROL = ("stage", "resume_from", "output_dir", "device", "workers", "log_every", "keep_checkpoints",
+               "checkpoint_every", "max_bad_steps", "deterministic", "download", "data_root")
 
 
 def seed_everything(seed: int) -> None:
@@ -36,8 +43,11 @@ def _load_stage_inputs(model, cfg, run) -> None:
         ckpt = checkpoint.load(path)
         if "decoder" not in ckpt:
             raise checkpoint.CheckpointError(
-                f"{path} is a {ckpt.get('stage')!r} checkpoint, not a decoder warm-up (warmup.pt); continuing an "
-                "interrupted SSL run is not supported yet")
+                f"{path} is a {ckpt.get('stage')!r} checkpoint, not a decoder warm-up (warmup.pt); to continue an "
+                "interrupted SSL run use --resume auto --output-dir RUN_FOLDER (or --resume PATH)")
+        if not ckpt.get("complete", True):
+            raise checkpoint.CheckpointError(f"{path}: the decoder warm-up did not finish; continue it with "
+                                             "--resume auto --output-dir RUN_FOLDER")
         model.synth.decoder.load_state_dict(ckpt["decoder"])
         print(f"loaded warm-up decoder from {path}")
     if cfg.stage == "eval":
@@ -49,6 +59,52 @@ def _load_stage_inputs(model, cfg, run) -> None:
         print(f"loaded model from {path}")
 
 
+def _resume_point(cfg):
+    """--resume: (config to continue with, run folder, SSL state or None, warm-up state or None)."""
+    if cfg.resume == "auto":
+        if not cfg.output_dir or not os.path.isdir(cfg.output_dir):
+            raise checkpoint.CheckpointError(f"--resume auto needs --output-dir set to an existing run folder, "
+                                             f"got {cfg.output_dir!r}")
+        run_dir = checkpoint.RunDir(cfg.output_dir, "")
+        found = checkpoint.newest_valid(run_dir, "ssl")
+        ssl_state = found[1] if found else None
+        warm_state = None
+        if os.path.isfile(run_dir.file("warmup.pt")):
+            try:
+                warm_state = checkpoint.load(run_dir.file("warmup.pt"))
+            except checkpoint.CheckpointError as e:
+                print(f"warning: {e}; the warm-up starts again")
+        where = found[0] if found else (run_dir.file("warmup.pt") if warm_state else None)
+    else:
+        ckpt = checkpoint.load(cfg.resume)
+        run_dir = checkpoint.RunDir(cfg.output_dir or os.path.dirname(os.path.abspath(cfg.resume)), "")
+        ssl_state = ckpt if ckpt.get("stage") == "ssl" else None
+        warm_state = ckpt if ckpt.get("stage") == "warmup" else None
+        where = cfg.resume
+    source = ssl_state or warm_state
+    if source is None:
+        raise checkpoint.CheckpointError(f"--resume: no valid checkpoint in {run_dir.path} to continue from")
+    given = getattr(cfg, "given", frozenset())
+    saved = source["config"]
+    ignored = sorted(k for k in given if k not in RUN_CONTROL and k != "resume" and saved.get(k) != getattr(cfg, k))
+    if ignored:
+        print("warning: --resume continues the saved experiment; ignoring "
+              + ", ".join(f"--{k.replace('_', '-')}" for k in ignored))
+    merged = {**saved, **{k: getattr(cfg, k) for k in RUN_CONTROL if k in given},
+              "resume": cfg.resume, "output_dir": run_dir.path}
+    print(f"resuming from {where}")
+    return from_dict(merged).validate(), run_dir, ssl_state, warm_state
+
+
+def _deterministic(cfg) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    if cfg.workers > 0:
+        print("warning: --deterministic with --workers > 0: a run resumed mid-epoch draws different "
+              "augmentations than an uninterrupted one (use --workers 0 for exact resumption)")
+
+
 def run(cfg) -> dict:
     # Imports here keep `--help` and config errors fast.
     from fastsynth.data.datasets import build_dataset
@@ -56,9 +112,15 @@ def run(cfg) -> dict:
     from fastsynth.eval import evaluate_encoder, format_table
     from fastsynth.model import SynthSSL
 
+    ssl_state = warm_state = None
+    if cfg.resume:
+        cfg, run_dir, ssl_state, warm_state = _resume_point(cfg)
+    else:
+        run_dir = checkpoint.RunDir(cfg.output_dir, f"{cfg.dataset}-{cfg.method}-synth{cfg.synth}")
+    if cfg.deterministic:
+        _deterministic(cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    run_dir = checkpoint.RunDir(cfg.output_dir, f"{cfg.dataset}-{cfg.method}-synth{cfg.synth}")
     save(cfg, run_dir.file("config.json"))
     print("config:", json.dumps(cfg.to_dict(), sort_keys=True))
     print(f"run folder: {run_dir.path}   device: {device}")
@@ -72,10 +134,20 @@ def run(cfg) -> dict:
     _load_stage_inputs(model, cfg, run_dir)
     results = {"config": cfg.to_dict(), "run_dir": run_dir.path}
 
-    if cfg.stage in ("all", "warmup") and model.synth is not None:
-        results.update(warmup_decoder(model, splits, cfg, run_dir, device))
-    if cfg.stage in ("all", "ssl"):
-        results.update(train_ssl(model, splits, cfg, run_dir, device))
+    with StopRequest() as stop:
+        if cfg.stage in ("all", "warmup") and model.synth is not None and ssl_state is None:
+            if warm_state is not None and warm_state.get("complete", True):
+                model.synth.decoder.load_state_dict(warm_state["decoder"])
+                print("decoder warm-up already complete: continuing with SSL training")
+            else:
+                results.update(warmup_decoder(model, splits, cfg, run_dir, device, stop, state=warm_state))
+        if cfg.stage in ("all", "ssl") and not results.get("stopped"):
+            results.update(train_ssl(model, splits, cfg, run_dir, device, stop, state=ssl_state))
+    if results.get("stopped"):
+        results["exit_code"] = stop.exit_code
+        print(f"stopped by {signal.Signals(stop.signum).name}: checkpoint in {run_dir.path}; continue with\n"
+              f"  python -m fastsynth.train --resume auto --output-dir {run_dir.path}", flush=True)
+        return results
     if cfg.stage in ("all", "eval"):
         table = {"trained": evaluate_encoder(model.encoder, splits, cfg, device, "trained: ")}
         # The encoder before SSL (same seed): what training must beat. With --weights that is
@@ -96,12 +168,16 @@ def main(argv=None) -> int:
     from fastsynth.checkpoint import CheckpointError
     try:
         cfg = from_args(argv, description=__doc__.splitlines()[0])
-        run(cfg)
+        return run(cfg).get("exit_code", 0)
     except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted: the last epoch's checkpoint is in the run folder", file=sys.stderr)
+        print("interrupted: the last checkpoint is in the run folder (--resume auto --output-dir RUN_FOLDER)",
+              file=sys.stderr)
         return 130
     return 0
 

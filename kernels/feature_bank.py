@@ -200,6 +200,9 @@ class FeatureBank(nn.Module):
         # Statistics must describe exactly the stored (float32) values, or later evictions would
         # remove numbers that never were added.
         z = z.detach().to(self.bank.dtype) if z.dtype == torch.float64 else z.detach()
+        # A diverging step's features (NaN/inf) would stay in the streaming statistics for good;
+        # the step itself is skipped by the training loop, and its rows are stored as zeros.
+        z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
         if z.shape[0] > self.size:  # only the newest `size` rows survive anyway
             z = z[-self.size:]
         if z.device != self.bank.device:

@@ -49,3 +49,19 @@ def make_loader(images: ImageList, transform, batch_size: int, *, shuffle: bool,
     return DataLoader(FileDataset(images, transform, cache=cache and workers == 0), batch_size=batch_size,
                       shuffle=shuffle, drop_last=drop_last, num_workers=workers, generator=gen,
                       pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int, skip_batches: int = 0,
+                 workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Full batches of `dataset` in an order fixed by (seed, epoch), from batch `skip_batches` on.
+
+    The order is a function of the epoch alone, so a run resumed mid-epoch reads exactly the
+    batches it had not seen. The loader's own generator is seeded too: without one, DataLoader
+    draws its worker seed from the global RNG, which would shift every later random draw.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(dataset), generator=g)
+    full = len(dataset) // batch_size * batch_size
+    indices = order[:full][skip_batches * batch_size:].tolist()
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1), pin_memory=pin_memory)

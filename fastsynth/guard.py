@@ -1,0 +1,78 @@
+"""Keeping a long run alive: pre-emption signals and non-finite steps.
+
+SIGTERM (pre-emption) and SIGINT (Ctrl-C) only set a flag; the training loops check it at step
+boundaries, write a checkpoint and return, so a stop never leaves a half-written state. A second
+Ctrl-C stops at once. A step whose loss or gradient is not finite is skipped (no optimizer,
+momentum, queue update) and counted; too many in a row end the run with a clear error.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and where the last good checkpoint is."""
+
+
+class StopRequest:
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping at the next step boundary with a checkpoint",
+              flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.signum == signal.SIGINT else 0
+
+
+class BadSteps:
+    """Counts non-finite steps; more than `limit` in a row raise TrainingError."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.in_a_row = limit, total, 0
+
+    def check(self, finite: bool, stage: str, step: int) -> bool:
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.total += 1
+        self.in_a_row += 1
+        print(f"warning: {stage} step {step}: non-finite loss or gradient, step skipped "
+              f"({self.total} skipped so far)", flush=True)
+        if self.in_a_row > self.limit:
+            raise TrainingError(f"{self.in_a_row} non-finite {stage} steps in a row (--max-bad-steps {self.limit}): "
+                                "the run diverged; the last good checkpoint is in the run folder (try a lower --lr)")
+        return False
+
+
+def finite_step(loss: torch.Tensor, params) -> bool:
+    """Loss and every gradient finite: one host synchronisation per step (the sum of the
+    per-tensor norms is non-finite as soon as one element is)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    ok = torch.isfinite(loss.detach().float())
+    if grads:
+        ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())
+    return bool(ok)

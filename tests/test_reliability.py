@@ -1,0 +1,170 @@
+"""Issue 6 (part): interrupted runs continue exactly, bad steps are skipped, checkpoints are data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastsynth import checkpoint, engine, train
+from fastsynth.data.synthetic import synthetic
+from fastsynth.kernels import FeatureBank
+
+TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epochs", "2",
+        "--warmup-epochs", "2", "--probe-epochs", "2", "--probe-fractions", "1.0", "--queue-size", "32",
+        "--bank-size", "16", "--decoder-width", "32", "--log-every", "1", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """4 classes x 6 training images: 3 SSL steps per epoch at batch 8."""
+    base = tmp_path_factory.mktemp("rel")
+    splits = synthetic(root=str(base), num_classes=4, train_per_class=6, test_per_class=2, size=40)
+    return os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+
+
+def _args(root, out, *extra):
+    return ["--dataset", "folder", "--data-root", root, "--output-dir", str(out), *TINY, *extra]
+
+
+def _weights(path):
+    return checkpoint.load(path)["model"]
+
+
+def test_sigterm_checkpoints_then_resume_equals_uninterrupted(root, tmp_path, monkeypatch):
+    """--deterministic: stopped by SIGTERM after 4 SSL steps (mid-epoch 2) and resumed, the run
+    ends with the same weights, queue and bank as one that was never stopped."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(_args(root, a, "--deterministic", "--stage", "all")) == 0
+
+    calls = {"n": 0}
+    cosine = engine._cosine
+
+    def stop_after_four(*args):  # the SSL loop calls _cosine once per step
+        calls["n"] += 1
+        if calls["n"] == 5:  # the fifth step begins: deliver SIGTERM now, as a pre-emption would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return cosine(*args)
+
+    monkeypatch.setattr(engine, "_cosine", stop_after_four)
+    assert train.main(_args(root, b, "--deterministic")) == 0          # SIGTERM: clean exit 0
+    ckpt = checkpoint.load(str(b / "last.pt"))
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (5, 1, 2)
+    assert not (b / "final_metrics.json").exists()
+    monkeypatch.setattr(engine, "_cosine", cosine)
+
+    assert train.main(["--resume", "auto", "--output-dir", str(b), "--deterministic", "--workers", "0"]) == 0
+    wa, wb = _weights(str(a / "last.pt")), _weights(str(b / "last.pt"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert json.load(open(b / "final_metrics.json"))["metrics"]["trained"].keys()
+
+
+def test_sigkill_mid_run_resumes_from_last_checkpoint(root, tmp_path):
+    out = tmp_path / "k"
+    cmd = [sys.executable, "-m", "fastsynth.train", *_args(root, out, "--epochs", "6", "--checkpoint-every", "1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("ssl-step*.pt")):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL: no handler, no goodbye
+    proc.wait()
+    assert list(out.glob("ssl-step*.pt")), "no SSL checkpoint appeared before the kill"
+    done = subprocess.run([sys.executable, "-m", "fastsynth.train", "--resume", "auto", "--output-dir", str(out),
+                           "--workers", "0"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "continuing SSL training at" in done.stdout
+    assert checkpoint.load(str(out / "last.pt"))["step"] == 18
+    assert (out / "final_metrics.json").exists()
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_rotation_keeps_n(tmp_path, capsys):
+    run = checkpoint.RunDir(str(tmp_path), "")
+    for step in (3, 6, 9, 12):
+        checkpoint.rotate_and_save({"format": checkpoint.FORMAT, "stage": "ssl", "step": step}, run, keep=3)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["last.pt", "ssl-step00000006.pt", "ssl-step00000009.pt"]
+    with open(run.file("last.pt"), "r+b") as fh:  # a crash mid-copy: the file is cut short
+        fh.truncate(20)
+    path, ckpt = checkpoint.newest_valid(run)
+    assert path.endswith("ssl-step00000009.pt") and ckpt["step"] == 9
+    assert "unreadable" in capsys.readouterr().out
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    marker = str(tmp_path / "ran")
+    path = str(tmp_path / "evil.pt")
+    torch.save({"format": checkpoint.FORMAT, "stage": "ssl", "payload": _RunsCode(marker)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        checkpoint.load(path)
+    assert not os.path.exists(marker)
+    assert train.main(["--stage", "eval", "--resume-from", path, "--output-dir", str(tmp_path / "r")]) == 2
+    assert not os.path.exists(marker)
+
+
+def test_nan_loss_is_skipped_and_counted_then_too_many_stop(root, tmp_path, monkeypatch, capsys):
+    from fastsynth.model import SynthSSL
+    forward = SynthSSL.forward
+    calls = {"n": 0, "always": False}
+
+    def sometimes_nan(self, *args, **kwargs):
+        loss, parts, ctx, out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["always"] or calls["n"] % 3 == 2:
+            loss = loss * float("nan")
+        return loss, parts, ctx, out
+
+    monkeypatch.setattr(SynthSSL, "forward", sometimes_nan)
+    out = tmp_path / "nan"
+    assert train.main(_args(root, out, "--synth", "off", "--stage", "ssl")) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert records[-1]["bad_steps"] == 2                       # steps 2 and 5 of 6
+    assert all(v == v for r in records for k, v in r.items() if isinstance(v, float))
+    assert "non-finite loss or gradient, step skipped" in capsys.readouterr().out
+
+    calls.update(n=0, always=True)                             # every step: NaN
+    rc = train.main(_args(root, tmp_path / "nan2", "--synth", "off", "--stage", "ssl", "--max-bad-steps", "2"))
+    assert rc == 1
+    assert "non-finite SSL steps in a row" in capsys.readouterr().err
+
+
+def test_bank_keeps_statistics_finite_after_a_bad_batch():
+    bank = FeatureBank(8, 3, impl="torch")
+    bank.update(torch.randn(4, 3))
+    bank.update(torch.tensor([[float("nan"), float("inf"), 1.0]]))
+    assert torch.isfinite(bank.variance()).all()
+
+
+def test_simsiam_collapse_is_warned(tmp_path, capsys):
+    run = checkpoint.RunDir(str(tmp_path), "")
+    engine._collapse_check("simsiam", {"target": torch.ones(16, 64) + 1e-9 * torch.randn(16, 64)}, run, 0)
+    assert "may have collapsed" in capsys.readouterr().out
+    engine._collapse_check("simsiam", {"target": torch.randn(16, 64)}, run, 1)
+    assert "collapsed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value", [("--lam", "1.5"), ("--queue-size", "4"), ("--image-size", "12"),
+                                        ("--keep-checkpoints", "0"), ("--max-bad-steps", "-1"), ("--lr", "-1")])
+def test_invalid_options_fail_at_startup_naming_the_option(flag, value, capsys):
+    assert train.main(["--batch-size", "8", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and flag in err[0]
+
+
+def test_resume_auto_with_nothing_to_resume_is_a_clear_error(tmp_path, capsys):
+    assert train.main(["--resume", "auto", "--output-dir", str(tmp_path)]) == 2
+    assert "no valid checkpoint" in capsys.readouterr().err
