@@ -135,3 +135,27 @@ def newest_valid(run: "RunDir", stage: str = "ssl") -> tuple[str, dict] | None:
         if ckpt.get("stage") == stage:
             return path, ckpt
     return None
+
+
+def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
+    """module.load_state_dict(state), with unknown/missing keys and shape mismatches reported in
+    one line (which checkpoint part, the first few keys) instead of PyTorch's long message.
+    Modules' own load hooks (e.g. FeatureBank reading an older layout) still apply."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what}: expected a state dict, found {type(state).__name__}")
+    try:
+        module.load_state_dict(state)
+        return
+    except RuntimeError:
+        pass
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            problems.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+    raise CheckpointError(f"{what} does not fit this model: " + ("; ".join(problems) or "incompatible")
+                          + " (was it written with other --arch/--method/--synth/sizes?)") from None

@@ -36,6 +36,8 @@ HELP = {
     "checkpoint_every": "also checkpoint every N SSL steps (0: at each epoch end only; SIGTERM/Ctrl-C "
                         "always checkpoint at the next step boundary)",
     "max_bad_steps": "stop after this many non-finite (skipped) steps in a row",
+    "max_bad_fraction": "stop when more than this fraction of a split's files cannot be decoded (they are "
+                        "excluded and listed in bad_files.txt otherwise)",
     "deterministic": "deterministic algorithms; with --workers 0 a resumed run equals an uninterrupted one",
     "dataset": "synthetic (embedded, default) | aircraft | cub | cars | folder",
     "data_root": "folder holding the dataset (required for real datasets)",
@@ -126,6 +128,7 @@ class Config:
     checkpoint_every: int = 0
     max_bad_steps: int = 20
     deterministic: bool = False
+    max_bad_fraction: float = 0.01
 
     def effective_lr(self) -> float:
         return self.lr * self.batch_size / 256
@@ -170,6 +173,8 @@ class Config:
                           ("workers", 0), ("warmup_epochs", 0), ("log_every", 1), ("probe_epochs", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
         for name in ("lr", "decoder_lr", "weight_decay", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

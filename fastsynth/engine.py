@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastsynth.checkpoint import FORMAT, RunDir, rng_state, rotate_and_save, save_atomic, set_rng_state
+from fastsynth.checkpoint import FORMAT, RunDir, load_into, rng_state, rotate_and_save, save_atomic, set_rng_state
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
 from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
@@ -80,7 +80,7 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
     step, start_epoch, skip, last = 0, 0, 0, float("nan")
     bad = BadSteps(cfg.max_bad_steps)
     if state is not None:
-        decoder.load_state_dict(state["decoder"])
+        load_into(decoder, state["decoder"], "warmup.pt (decoder)")
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -165,7 +165,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     step, start_epoch, skip, epoch_means = 0, 0, 0, {}
     bad = BadSteps(cfg.max_bad_steps)
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_into(model, state["model"], "SSL checkpoint (model)")
         opt.load_state_dict(state["optimizer"])
         if dec_opt and state.get("decoder_optimizer"):
             dec_opt.load_state_dict(state["decoder_optimizer"])

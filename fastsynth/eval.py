@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -66,7 +67,8 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from fastsynth.checkpoint import CheckpointError, load
+    from fastsynth.checkpoint import CheckpointError, load, load_into
+    from fastsynth.data.scan import clean_splits
     from fastsynth.config import ConfigError, from_dict
     from fastsynth.data.base import DatasetError
     from fastsynth.data.datasets import build_dataset
@@ -94,8 +96,10 @@ def main(argv=None) -> int:
         cfg.validate()
         device = resolve_device(args.device)
         model = SynthSSL(cfg)
-        model.load_state_dict(ckpt["model"])
+        load_into(model, ckpt["model"], f"{args.checkpoint} (model)")
         splits = build_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.seed)
+        splits = clean_splits(splits, cfg.max_bad_fraction,
+                              os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "bad_files.txt"))
         res = evaluate_encoder(model.encoder.to(device), splits, cfg, device)
     except (CheckpointError, ConfigError, DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ from fastsynth.guard import StopRequest, TrainingError
 # Flags that steer this invocation rather than define the experiment: on --resume, those given on
 # the command line apply; everything else comes from the checkpoint's config.
 RUN_CONTROL = ("stage", "resume_from", "output_dir", "device", "workers", "log_every", "keep_checkpoints",
-               "checkpoint_every", "max_bad_steps", "deterministic", "download", "data_root")
+               "checkpoint_every", "max_bad_steps", "deterministic", "download", "data_root", "max_bad_fraction")
 
 
 def seed_everything(seed: int) -> None:
@@ -48,14 +48,14 @@ def _load_stage_inputs(model, cfg, run) -> None:
         if not ckpt.get("complete", True):
             raise checkpoint.CheckpointError(f"{path}: the decoder warm-up did not finish; continue it with "
                                              "--resume auto --output-dir RUN_FOLDER")
-        model.synth.decoder.load_state_dict(ckpt["decoder"])
+        checkpoint.load_into(model.synth.decoder, ckpt["decoder"], f"{path} (decoder)")
         print(f"loaded warm-up decoder from {path}")
     if cfg.stage == "eval":
         path = cfg.resume_from or run.file("last.pt")
         ckpt = checkpoint.load(path)
         if "model" not in ckpt:
             raise checkpoint.CheckpointError(f"{path} holds no trained model (stage {ckpt.get('stage')!r})")
-        model.load_state_dict(ckpt["model"])
+        checkpoint.load_into(model, ckpt["model"], f"{path} (model)")
         print(f"loaded model from {path}")
 
 
@@ -108,6 +108,7 @@ def _deterministic(cfg) -> None:
 def run(cfg) -> dict:
     # Imports here keep `--help` and config errors fast.
     from fastsynth.data.datasets import build_dataset
+    from fastsynth.data.scan import clean_splits
     from fastsynth.engine import resolve_device, train_ssl, warmup_decoder
     from fastsynth.eval import evaluate_encoder, format_table
     from fastsynth.model import SynthSSL
@@ -127,6 +128,7 @@ def run(cfg) -> dict:
 
     t0 = time.time()
     splits = build_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.seed)
+    splits = clean_splits(splits, cfg.max_bad_fraction, run_dir.file("bad_files.txt"), workers=max(cfg.workers, 4))
     print(f"dataset {cfg.dataset}: {len(splits.train)} train / {len(splits.test)} test images, "
           f"{splits.train.num_classes} classes")
     seed_everything(cfg.seed)  # the model's initialisation depends on the seed only
@@ -137,7 +139,7 @@ def run(cfg) -> dict:
     with StopRequest() as stop:
         if cfg.stage in ("all", "warmup") and model.synth is not None and ssl_state is None:
             if warm_state is not None and warm_state.get("complete", True):
-                model.synth.decoder.load_state_dict(warm_state["decoder"])
+                checkpoint.load_into(model.synth.decoder, warm_state["decoder"], "warmup.pt (decoder)")
                 print("decoder warm-up already complete: continuing with SSL training")
             else:
                 results.update(warmup_decoder(model, splits, cfg, run_dir, device, stop, state=warm_state))

@@ -168,3 +168,75 @@ def test_invalid_options_fail_at_startup_naming_the_option(flag, value, capsys):
 def test_resume_auto_with_nothing_to_resume_is_a_clear_error(tmp_path, capsys):
     assert train.main(["--resume", "auto", "--output-dir", str(tmp_path)]) == 2
     assert "no valid checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
+    from fastsynth.models import Decoder
+    dec = Decoder(16, 32, width=32)
+    state = Decoder(16, 32, width=64).state_dict()                # other width: shapes differ
+    with pytest.raises(checkpoint.CheckpointError, match="shape mismatch .*fc.weight"):
+        checkpoint.load_into(dec, state, "warmup.pt (decoder)")
+    with pytest.raises(checkpoint.CheckpointError, match="1 unexpected \\(extra\\)"):
+        checkpoint.load_into(dec, {**dec.state_dict(), "extra": torch.zeros(1)}, "x")
+
+
+def _salt(folder, make):
+    """Write one bad or unusual file per kind into a class folder of a tiny ImageFolder tree."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    photo = (rng.random((40, 40, 3)) * 255).astype("uint8")
+    good = {
+        "gray.png": Image.fromarray(photo[..., 0], "L"),
+        "cmyk.jpg": Image.fromarray(photo).convert("CMYK"),
+        "palette.png": Image.fromarray(photo).convert("P"),
+        "rgba.png": Image.fromarray(np.dstack([photo, photo[..., :1]]), "RGBA"),
+        "sixteen.png": Image.fromarray(photo[..., 0].astype("uint16") * 257),  # mode I;16
+    }
+    for name, im in good.items():
+        im.save(os.path.join(folder, name))
+    Image.fromarray(photo).save(os.path.join(folder, "whole.jpg"))
+    with open(os.path.join(folder, "whole.jpg"), "rb") as fh:
+        data = fh.read()
+    bad = {"empty.jpg": b"", "truncated.jpg": data[: len(data) // 2], "corrupt.png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 64,
+           "notes.jpg": b"this is a text file, not a picture\n"}
+    for name, blob in bad.items():
+        with open(os.path.join(folder, name), "wb") as fh:
+            fh.write(blob)
+    Image.fromarray(photo[:4, :4]).save(os.path.join(folder, "tiny.png"))
+    os.remove(os.path.join(folder, "whole.jpg"))
+    return set(good), set(bad) | {"tiny.png"}
+
+
+def test_bad_files_are_excluded_reported_and_limited(root, tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setenv("FASTSYNTH_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "salted"
+    shutil.copytree(root, data)
+    cls = sorted(os.listdir(data / "train"))[0]
+    good, bad = _salt(str(data / "train" / cls), None)
+    out = tmp_path / "run"
+    args = ["--dataset", "folder", "--data-root", str(data), "--output-dir", str(out), *TINY,
+            "--synth", "off", "--stage", "ssl", "--max-steps", "1"]
+    assert train.main([*args, "--max-bad-fraction", "0.5"]) == 0
+    lines = (out / "bad_files.txt").read_text().splitlines()[1:]
+    assert {os.path.basename(line.split("\t")[1]) for line in lines} == bad
+    reasons = {os.path.basename(line.split("\t")[1]): line.split("\t")[2] for line in lines}
+    assert reasons["empty.jpg"] == "zero-byte file" and reasons["tiny.png"].startswith("too small")
+    from fastsynth.data.loaders import load_rgb
+    for name in good:  # converted, not rejected; 16-bit keeps its contrast
+        im = load_rgb(str(data / "train" / cls / name))
+        assert im.mode == "RGB" and im.size == (40, 40)
+    import numpy as np
+    assert np.asarray(load_rgb(str(data / "train" / cls / "sixteen.png"))).std() > 30
+    # over the default 1 %: a clear stop naming the report
+    rc = train.main([*args, "--output-dir", str(tmp_path / "run2")])
+    assert rc == 2
+    # a class with nothing usable left
+    for f in os.listdir(data / "train" / cls):
+        if f not in bad:
+            os.remove(data / "train" / cls / f)
+    with pytest.raises(Exception, match="no usable image left in class"):
+        from fastsynth.data.datasets import build_dataset
+        from fastsynth.data.scan import clean_splits
+        clean_splits(build_dataset("folder", str(data), False, 0), 1.0, str(tmp_path / "b.txt"))

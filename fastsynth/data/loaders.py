@@ -12,8 +12,17 @@ from .base import ImageList
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode any PIL-readable image to RGB (grayscale, palette, alpha, CMYK converted)."""
+    """Decode any PIL-readable image to RGB (grayscale, palette, alpha, CMYK converted).
+
+    16-bit and 32-bit integer images are rescaled to 8 bits by their type's range first: PIL's
+    own conversion clips them, which turns most 16-bit photographs white.
+    """
     with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            import numpy as np
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+            return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
         return im.convert("RGB")
 
 
