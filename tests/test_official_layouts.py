@@ -89,7 +89,7 @@ def test_aircraft_malformed_and_unknown_variant_lines(tmp_path):
 def test_aircraft_missing_image_file(tmp_path):
     data = make_aircraft(str(tmp_path))
     os.remove(os.path.join(data, "images", "0000201.jpg"))
-    with pytest.raises(DatasetError, match=r"1 of 3 images .*0000201\.jpg"):
+    with pytest.raises(DatasetError, match=r"1 of 3 images .*0000201\.jpg \(.*images_variant_\w+\.txt line \d+\)"):
         official.aircraft(str(tmp_path))
 
 
@@ -161,6 +161,13 @@ def test_cub_label_for_missing_image_id(tmp_path):
         f.write("77 1\n")
     with pytest.raises(DatasetError, match=r"image_class_labels\.txt line 11: image id '77' "
                                            r"has no line in .*images\.txt"):
+        official.cub(str(tmp_path))
+
+
+def test_cub_missing_image_names_its_line(tmp_path):
+    base = make_cub(str(tmp_path))
+    os.remove(os.path.join(base, "images", CUB_CLASSES[1], "img_5.jpg"))
+    with pytest.raises(DatasetError, match=r"img_5\.jpg \(.*images\.txt line 5\)"):
         official.cub(str(tmp_path))
 
 

@@ -86,12 +86,15 @@ def _id_map(rows, path: str, what: str) -> Dict[str, str]:
     return out
 
 
-def _check_files(paths: Sequence[str], what: str, how: str) -> None:
-    """Fail before training starts, not at the first missing image in epoch 3."""
-    missing = [p for p in paths if not os.path.isfile(p)]
+def _check_files(paths: Sequence[str], what: str, how: str, sources: Sequence[str] | None = None) -> None:
+    """Fail before training starts, not at the first missing image in epoch 3. `sources[i]`
+    names the metadata file and line that listed paths[i]."""
+    missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
     if missing:
+        first = missing[0]
+        where = f" ({sources[first]})" if sources else ""
         raise DatasetError(f"{what}: {len(missing)} of {len(paths)} images listed in the "
-                           f"metadata are missing, e.g. {missing[0]}; {how}")
+                           f"metadata are missing, e.g. {paths[first]}{where}; {how}")
 
 
 # ---------------------------------------------------------------- FGVC-Aircraft
@@ -127,7 +130,7 @@ def aircraft(root: str, download: bool = False) -> Splits:
                                    f"{vpath}")
             labels.append(index[variant])
         paths = [os.path.join(data, "images", f"{i}.jpg") for i in ids]
-        _check_files(paths, what, _AIRCRAFT_HOW)
+        _check_files(paths, what, _AIRCRAFT_HOW, [f"{path} line {no}" for no, _ in rows])
         return ImageList(paths, labels, list(classes))
 
     return Splits(split("trainval"), split("test"), "aircraft")
@@ -161,7 +164,9 @@ def cub(root: str, download: bool = False) -> Splits:
               "train_test_split.txt, classes.txt, images/}")
     base, _ = _find_base(root, "CUB_200_2011", ["images.txt"], what, layout, _CUB_HOW, download)
     f = lambda n: os.path.join(base, n)  # noqa: E731
-    images = _id_map(_read_rows(f("images.txt"), 2, what, _CUB_HOW), f("images.txt"), what)
+    image_rows = _read_rows(f("images.txt"), 2, what, _CUB_HOW)
+    images = _id_map(image_rows, f("images.txt"), what)
+    image_line = {img: no for no, (img, _) in image_rows}
     classes_rows = _read_rows(f("classes.txt"), 2, what, _CUB_HOW)
     class_ids = _id_map(classes_rows, f("classes.txt"), what)
     classes = [name for _, (_, name) in classes_rows]
@@ -187,11 +192,13 @@ def cub(root: str, download: bool = False) -> Splits:
     labels = per_image("image_class_labels.txt", cls_index, f"a class id of {f('classes.txt')}")
     is_train = per_image("train_test_split.txt", {"1": 1, "0": 0}, "0 or 1")
     parts = {1: ([], []), 0: ([], [])}
+    sources = {1: [], 0: []}
     for img, rel in images.items():
         ps, ls = parts[is_train[img]]
         ps.append(os.path.join(base, "images", rel))
         ls.append(labels[img])
-    _check_files(parts[1][0] + parts[0][0], what, _CUB_HOW)
+        sources[is_train[img]].append(f"{f('images.txt')} line {image_line[img]}")
+    _check_files(parts[1][0] + parts[0][0], what, _CUB_HOW, sources[1] + sources[0])
     return Splits(ImageList(*parts[1], list(classes)), ImageList(*parts[0], list(classes)), "cub")
 
 
@@ -291,7 +298,7 @@ def _cars_list(rows, src: str, img_dir: str, classes: List[str], what: str) -> I
         seen.add(fname)
         paths.append(os.path.join(img_dir, fname))
         labels.append(cls - 1)
-    _check_files(paths, what, _CARS_HOW)
+    _check_files(paths, what, _CARS_HOW, [f"{src} entry {no}" for no in range(1, len(paths) + 1)])
     return ImageList(paths, labels, list(classes))
 
 
