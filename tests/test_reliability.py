@@ -240,3 +240,24 @@ def test_bad_files_are_excluded_reported_and_limited(root, tmp_path, monkeypatch
         from fastsynth.data.datasets import build_dataset
         from fastsynth.data.scan import clean_splits
         clean_splits(build_dataset("folder", str(data), False, 0), 1.0, str(tmp_path / "b.txt"))
+
+
+def test_sigterm_during_warmup_then_resume_finishes(root, tmp_path, monkeypatch):
+    out = tmp_path / "w"
+    real = engine.finite_step
+    calls = {"n": 0}
+
+    def term_on_second(*args):  # the warm-up's second step: pre-empted mid-warm-up
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(engine, "finite_step", term_on_second)
+    assert train.main(_args(root, out, "--warmup-epochs", "3")) == 0
+    warm = checkpoint.load(str(out / "warmup.pt"))
+    assert warm["complete"] is False and warm["step"] == 2 and not (out / "last.pt").exists()
+    monkeypatch.setattr(engine, "finite_step", real)
+    assert train.main(["--resume", "auto", "--output-dir", str(out)]) == 0
+    assert checkpoint.load(str(out / "warmup.pt"))["complete"] is True
+    assert (out / "final_metrics.json").exists()
