@@ -25,6 +25,8 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "matplotlib",     # figures of the comparison report
+        "scikit-learn",   # t-SNE embedding figure
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"],
