@@ -24,6 +24,7 @@ CHOICES = {
     "noise": ("both", "gradcam", "lowvar", "random", "none"),
     "score": ("grad_x_act", "grad"),
     "stage": ("all", "warmup", "ssl", "eval"),
+    "probe": ("cached", "paper"),
     "impl": ("reference", "fast"),
     "arch": ("resnet18", "resnet34", "resnet50"),
     "amp_dtype": ("auto", "bfloat16", "float16"),
@@ -64,6 +65,8 @@ HELP = {
     "bank_size": "rows of the FIFO feature memory bank (Sec. 3.4)",
     "queue_size": "MoCo queue length K",
     "probe_fractions": "label fractions for the linear probe, comma separated",
+    "probe": "cached: linear layer on features extracted once (seconds); paper: METHOD.md's protocol, "
+             "augmented crops each epoch through the frozen encoder, SGD lr 30 (hours on real data)",
     "amp": "mixed precision: bfloat16 autocast where supported, else float16 + GradScaler",
     "device": "auto | cpu | cuda | cuda:N",
 }
@@ -112,6 +115,7 @@ class Config:
     amp: bool = False
     amp_dtype: str = "auto"
     # evaluation
+    probe: str = "cached"
     probe_epochs: int = 100
     probe_lr: Optional[float] = None
     probe_fractions: str = "1.0,0.5,0.2"

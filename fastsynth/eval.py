@@ -18,6 +18,7 @@ from fastsynth import metrics
 from fastsynth.config import Config
 from fastsynth.data.base import ImageList, Splits
 from fastsynth.data.loaders import make_loader
+from fastsynth.probe import paper_probe
 from fastsynth.data.transforms import evaluation
 
 from fastsynth.progress import tqdm
@@ -48,9 +49,17 @@ def evaluate_encoder(encoder: torch.nn.Module, splits: Splits, cfg: Config, devi
     for frac in cfg.fractions():
         idx = metrics.stratified_subset(tr_y, frac, seed=cfg.seed)
         kw = {"lr": cfg.probe_lr} if cfg.probe_lr is not None else {}
-        probe = metrics.linear_probe(tr_f[idx], tr_y[idx], te_f, te_y, epochs=cfg.probe_epochs, seed=cfg.seed,
-                                     num_classes=splits.train.num_classes, **kw)
+        if cfg.probe == "paper":
+            subset = ImageList([splits.train.paths[i] for i in idx.tolist()],
+                               [splits.train.labels[i] for i in idx.tolist()], splits.train.classes)
+            probe = paper_probe(encoder, subset, te_f, te_y, image_size=cfg.image_size, epochs=cfg.probe_epochs,
+                                num_classes=splits.train.num_classes, device=device, seed=cfg.seed,
+                                workers=cfg.workers, **kw)
+        else:
+            probe = metrics.linear_probe(tr_f[idx], tr_y[idx], te_f, te_y, epochs=cfg.probe_epochs, seed=cfg.seed,
+                                         num_classes=splits.train.num_classes, **kw)
         out[f"linear_top1@{round(frac * 100)}"] = probe["top1"]
+        out[f"linear_top5@{round(frac * 100)}"] = probe["top5"]
     out.update(metrics.retrieval(te_f, te_y))
     out["knn_top1"] = metrics.knn(tr_f, tr_y, te_f, te_y, num_classes=splits.train.num_classes)
     return out
@@ -80,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None, help="override the dataset root stored in the checkpoint")
     p.add_argument("--probe-fractions", default=None, help="label fractions, e.g. 1.0,0.5,0.2")
     p.add_argument("--probe-epochs", type=int, default=None)
+    p.add_argument("--probe", choices=("cached", "paper"), default=None,
+                   help="cached: on features extracted once; paper: augmented crops, SGD lr 30 (slow)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default=None, help="write the metrics JSON here")
     args = p.parse_args(argv)
@@ -89,7 +100,7 @@ def main(argv=None) -> int:
             raise CheckpointError(f"checkpoint {args.checkpoint}: holds stage {ckpt.get('stage')!r}, no encoder "
                                   "(use the run's last.pt)")
         cfg = from_dict(ckpt["config"])
-        for name in ("data_root", "probe_fractions", "probe_epochs"):
+        for name in ("data_root", "probe_fractions", "probe_epochs", "probe"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
         cfg.weights = None  # the checkpoint carries the weights

@@ -47,3 +47,20 @@ def test_report_every_cell_filled_then_reused(root, tmp_path, capsys):
     capsys.readouterr()
     assert compare.main(argv + ["--no-figures"]) == 0          # same configs: nothing retrained
     assert capsys.readouterr().out.count("reusing") == 3
+
+
+def test_paper_probe_protocol_runs_and_reports_top5(root):
+    """--probe paper: augmented crops through the frozen encoder each epoch, SGD lr 30."""
+    import torch
+    from fastsynth.config import Config
+    from fastsynth.data.datasets import build_dataset
+    from fastsynth.eval import evaluate_encoder
+    from fastsynth.models.encoder import Encoder
+    cfg = Config(arch="resnet18", image_size=32, batch_size=8, probe="paper", probe_epochs=2,
+                 probe_fractions="1.0,0.5", workers=0).validate()
+    splits = build_dataset("folder", root, False, 0)
+    torch.manual_seed(0)
+    out = evaluate_encoder(Encoder("resnet18"), splits, cfg, torch.device("cpu"))
+    for k in ("linear_top1@100", "linear_top5@100", "linear_top1@50", "linear_top5@50", "rank1", "mAP"):
+        assert 0.0 <= out[k] <= 1.0, k
+    assert out["linear_top5@100"] >= out["linear_top1@100"]
