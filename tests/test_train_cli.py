@@ -53,7 +53,7 @@ def test_eval_cli_reads_checkpoint(tiny_run, tmp_path, capsys):
                        "--probe-epochs", "2", "--output", str(out)])
     assert rc == 0
     res = json.load(open(out))
-    assert set(res) == {"linear_top1@100", "rank1", "rank5", "mAP", "knn_top1"}
+    assert set(res) == {"linear_top1@100", "linear_top5@100", "rank1", "rank5", "mAP", "knn_top1"}
 
 
 def test_stages_run_alone(tiny_root, tiny_run, tmp_path):
