@@ -49,7 +49,17 @@ def plan(methods: list[str], noises: list[str]) -> list[tuple[str, str, str, str
 
 
 def _same(saved: dict, cfg: dict) -> bool:
-    return {k: v for k, v in saved.items() if k not in RUN_ONLY} == {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+    """Same experiment; an option added to fastsynth after the saved run counts as its default."""
+    import dataclasses
+
+    from fastsynth.config import Config
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for k, v in cfg.items():
+        if k in RUN_ONLY:
+            continue
+        if saved.get(k, defaults.get(k)) != v:
+            return False
+    return all(k in cfg or k in RUN_ONLY for k in saved)
 
 
 def run_all(args, train_argv: list[str]) -> list[dict]:
@@ -88,46 +98,74 @@ def _table(rows: list[dict], paper: dict | None, with_run: bool = True) -> list[
     return lines
 
 
-def figures(rows: list[dict], out: str) -> dict:
-    """Per run: training curves, bank variance (synth runs), test-feature embedding."""
-    from fastsynth import checkpoint, figures as figs
-    made = {}
+def figures(rows: list[dict], out: str, n_attention: int = 8) -> dict:
+    """Per run: training curves, bank variance (synth runs), test-feature embedding, triplets;
+    across runs: Grad-CAM attention of the same test images (paper Fig. 3)."""
+    from fastsynth import figures as figs
+    from fastsynth.attention import save_attention, ssl_gradcam
+    from fastsynth.eval import extract_features
+    made, cams, images = {}, {}, None
     for r in rows:
         tag = r["name"].replace("/", "-")
         items = []
         try:
             figs.save_curves(os.path.join(r["run_dir"], "metrics.jsonl"), os.path.join(out, f"{tag}-curves.png"))
             items.append(f"{tag}-curves.png")
-            ckpt = checkpoint.load(os.path.join(r["run_dir"], "last.pt"))
-            if r["config"]["synth"] == "on":
-                var = ckpt["model"]["synth.bank.var"]
-                figs.save_variance(var, r["config"]["lam"], os.path.join(out, f"{tag}-variance.png"))
+            model, cfg, splits, device, ckpt = _load_run(r)
+            if cfg.synth == "on":
+                figs.save_variance(ckpt["model"]["synth.bank.var"], cfg.lam, os.path.join(out, f"{tag}-variance.png"))
                 items.append(f"{tag}-variance.png")
-            items.append(_embedding(r, ckpt, os.path.join(out, f"{tag}-embedding.png")))
+            feats, labels = extract_features(model.encoder, splits.test, cfg, device, "embedding")
+            figs.save_embedding(feats, labels, os.path.join(out, f"{tag}-embedding.png"), seed=cfg.seed)
+            items.append(f"{tag}-embedding.png")
+            if "/" not in r["name"]:  # Table 1 runs: the attention figure compares methods
+                if images is None:
+                    images = _attention_images(splits, cfg, n_attention)
+                cams[r["name"]] = ssl_gradcam(model, images.to(device)).cpu()
         except Exception as e:  # noqa: BLE001 - a missing figure must not lose the tables
             print(f"[compare] {r['name']}: figure skipped ({type(e).__name__}: {e})")
         if os.path.isfile(os.path.join(r["run_dir"], "triplets.png")):
             items.append(os.path.join(os.path.basename(r["run_dir"]), "triplets.png"))
-        made[r["name"]] = [i for i in items if i]
+        made[r["name"]] = items
+    if cams:
+        save_attention(images, cams, os.path.join(out, "attention.png"))
+        made["Grad-CAM attention, SSL loss (Fig. 3)"] = ["attention.png"]
     return made
 
 
-def _embedding(row: dict, ckpt: dict, path: str) -> str:
-    from fastsynth import figures as figs
+def _load_run(row: dict):
+    from fastsynth import checkpoint
     from fastsynth.config import from_dict
     from fastsynth.data.datasets import build_dataset
+    from fastsynth.data.scan import clean_splits
     from fastsynth.engine import resolve_device
-    from fastsynth.eval import extract_features
     from fastsynth.model import SynthSSL
+    ckpt = checkpoint.load(os.path.join(row["run_dir"], "last.pt"))
     cfg = from_dict(row["config"])
-    cfg.weights = None
-    model = SynthSSL(cfg)
-    model.load_state_dict(ckpt["model"])
+    cfg.weights = None  # the checkpoint carries the weights
     device = resolve_device(cfg.device)
-    splits = build_dataset(cfg.dataset, cfg.data_root, False, cfg.seed)
-    feats, labels = extract_features(model.encoder.to(device), splits.test, cfg, device, "embedding")
-    figs.save_embedding(feats, labels, path, seed=cfg.seed)
-    return os.path.basename(path)
+    model = SynthSSL(cfg)
+    checkpoint.load_into(model, ckpt["model"], f"{row['run_dir']}/last.pt (model)")
+    splits = clean_splits(build_dataset(cfg.dataset, cfg.data_root, False, cfg.seed), cfg.max_bad_fraction,
+                          os.path.join(row["run_dir"], "bad_files.txt"))
+    return model.to(device), cfg, splits, device, ckpt
+
+
+def _attention_images(splits, cfg, n: int):
+    """The first image of each of the first n test classes (evaluation view): the same images
+    for every model."""
+    import torch
+    from fastsynth.data.loaders import load_rgb
+    from fastsynth.data.transforms import evaluation
+    seen, picks = set(), []
+    for path, y in zip(splits.test.paths, splits.test.labels):
+        if y not in seen:
+            seen.add(y)
+            picks.append(path)
+        if len(picks) == n:
+            break
+    t = evaluation(cfg.image_size)
+    return torch.stack([t(load_rgb(p)) for p in picks])
 
 
 def write_report(rows: list[dict], out: str, dataset: str, made: dict) -> str:

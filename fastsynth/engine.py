@@ -175,6 +175,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         bad.total = state.get("bad_steps", 0)
         set_rng_state(state["rng"])
         print(f"continuing SSL training at epoch {start_epoch + 1}, batch {skip}, step {step}")
+    else:
+        _set_aside_previous_run(run)
 
     def checkpoint(epoch: int, batch: int) -> None:
         save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total)
@@ -237,6 +239,21 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         if last is not None:
             save_triplets(*last, run.file("triplets.png"))
     return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step, "bad_steps": bad.total}
+
+
+def _set_aside_previous_run(run: RunDir) -> None:
+    """A fresh SSL run in a folder that holds an earlier run's checkpoints moves them to
+    previous-<time>/: `--resume auto` must never pick up a stale run, and nothing is deleted."""
+    import os
+    import time
+    old = [f for f in os.listdir(run.path) if f == "last.pt" or (f.startswith("ssl-step") and f.endswith(".pt"))]
+    if not old:
+        return
+    dest = run.file(f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(dest, exist_ok=True)
+    for f in old:
+        os.replace(run.file(f), os.path.join(dest, f))
+    print(f"note: {run.path} held SSL checkpoints of an earlier run; moved them to {dest}")
 
 
 def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, batch_in_epoch: int,

@@ -40,10 +40,12 @@ def test_report_every_cell_filled_then_reused(root, tmp_path, capsys):
         assert len(cells) == 6 and all(re.fullmatch(r"\d+\.\d\d", c) for c in cells), line
     data = json.load(open(os.path.join(out, "report.json")))
     assert [r["name"] for r in data["rows"]] == ["mocov2", "mocov2+synth", "mocov2+synth/random"]
-    for name in ("mocov2-curves.png", "mocov2+synth-variance.png", "mocov2+synth-embedding.png"):
+    for name in ("mocov2-curves.png", "mocov2+synth-variance.png", "mocov2+synth-embedding.png", "attention.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000, name
     for item in sum(data["figures"].values(), []):           # every figure the report embeds exists
         assert os.path.isfile(os.path.join(out, item)), item
+        assert f"]({item})" in report
+    assert "attention.png" in sum(data["figures"].values(), [])
     capsys.readouterr()
     assert compare.main(argv + ["--no-figures"]) == 0          # same configs: nothing retrained
     assert capsys.readouterr().out.count("reusing") == 3
@@ -64,3 +66,33 @@ def test_paper_probe_protocol_runs_and_reports_top5(root):
     for k in ("linear_top1@100", "linear_top5@100", "linear_top1@50", "linear_top5@50", "rank1", "mAP"):
         assert 0.0 <= out[k] <= 1.0, k
     assert out["linear_top5@100"] >= out["linear_top1@100"]
+
+
+@pytest.mark.parametrize("method", ["mocov2", "simsiam"])
+def test_ssl_gradcam_maps_and_no_side_effects(method):
+    """Fig. 3's maps: one per image, in [0, 1], not all zero; the model is left untouched."""
+    import torch
+    from fastsynth.attention import ssl_gradcam
+    from fastsynth.config import Config
+    from fastsynth.model import SynthSSL
+    torch.manual_seed(0)
+    cfg = Config(method=method, arch="resnet18", image_size=32, batch_size=8, queue_size=32, bank_size=16,
+                 moco_dim=16, simsiam_dim=64, decoder_width=32).validate()
+    model = SynthSSL(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cam = ssl_gradcam(model, torch.randn(3, 3, 64, 64))       # 2 x 2 maps at the last stage
+    assert cam.shape == (3, 64, 64) and torch.isfinite(cam).all() and cam.min() >= 0
+    peaks = cam.flatten(1).amax(1)                            # 1, or 0 where no channel argues for the loss
+    assert all(p in (0.0, 1.0) for p in peaks.tolist()) and peaks.max() == 1.0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reuse_treats_options_added_later_as_their_defaults():
+    from fastsynth.config import Config
+    now = Config().to_dict()
+    old = {k: v for k, v in now.items() if k != "probe"}          # a run saved before --probe existed
+    assert compare._same(old, now)
+    assert not compare._same(old, {**now, "probe": "paper"})
+    assert not compare._same({**old, "lr": 1.0}, now)

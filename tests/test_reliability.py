@@ -261,3 +261,14 @@ def test_sigterm_during_warmup_then_resume_finishes(root, tmp_path, monkeypatch)
     assert train.main(["--resume", "auto", "--output-dir", str(out)]) == 0
     assert checkpoint.load(str(out / "warmup.pt"))["complete"] is True
     assert (out / "final_metrics.json").exists()
+
+
+def test_fresh_run_sets_aside_an_earlier_runs_checkpoints(tmp_path, capsys):
+    run = checkpoint.RunDir(str(tmp_path), "")
+    for step in (3, 6):
+        checkpoint.rotate_and_save({"format": checkpoint.FORMAT, "stage": "ssl", "step": step}, run, keep=3)
+    engine._set_aside_previous_run(run)
+    assert not (tmp_path / "last.pt").exists() and checkpoint.newest_valid(run) is None
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+    assert len(moved) == 1 and sorted(f.name for f in moved[0].iterdir()) == ["last.pt", "ssl-step00000003.pt"]
+    assert "moved them to" in capsys.readouterr().out
