@@ -48,40 +48,40 @@ def _variance_from(m2: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
     @triton.jit
-    def _group_stats(base_ptr, ptr, M, nrows, stride_r, cols, cmask, filled,
-                     WRAP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(count, mean, M2) per column of `nrows` rows, two-pass in float64.
+    def _group_rows(base_ptr, b0, ptr, M, nrows, stride_r, cols, cmask, filled,
+                    WRAP: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Rows b0 .. b0 + BLOCK_B of a group as float64, and which of them count.
 
         WRAP: rows live in the ring at (ptr + i) % M and count only where they hold data
         (< filled); otherwise rows 0..nrows-1 of a plain B x d input.
         """
+        i = b0 + tl.arange(0, BLOCK_B)
+        if WRAP:
+            r = (ptr + i) % M
+            valid = (i < nrows) & (r < filled)
+        else:
+            r = i
+            valid = i < nrows
+        x = tl.load(base_ptr + r.to(tl.int64)[:, None] * stride_r + cols[None, :],
+                    mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float64)
+        return x, valid
+
+    @triton.jit
+    def _group_stats(base_ptr, ptr, M, nrows, stride_r, cols, cmask, filled,
+                     WRAP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(count, mean, M2) per column of `nrows` rows, two-pass in float64 (the second pass
+        re-reads the rows, from cache, rather than cancel sum and sum of squares)."""
         acc = tl.zeros([BLOCK_D], tl.float64)
         cnt = tl.zeros([BLOCK_B], tl.float64)
         for b0 in range(0, nrows, BLOCK_B):
-            i = b0 + tl.arange(0, BLOCK_B)
-            if WRAP:
-                r = (ptr + i) % M
-                valid = (i < nrows) & (r < filled)
-            else:
-                r = i
-                valid = i < nrows
-            x = tl.load(base_ptr + r.to(tl.int64)[:, None] * stride_r + cols[None, :],
-                        mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float64)
+            x, valid = _group_rows(base_ptr, b0, ptr, M, nrows, stride_r, cols, cmask, filled, WRAP, BLOCK_B)
             acc += tl.sum(x, axis=0)
             cnt += valid.to(tl.float64)
         n = tl.sum(cnt, axis=0)
         mean = acc / tl.maximum(n, 1.0)
         m2 = tl.zeros([BLOCK_D], tl.float64)
         for b0 in range(0, nrows, BLOCK_B):
-            i = b0 + tl.arange(0, BLOCK_B)
-            if WRAP:
-                r = (ptr + i) % M
-                valid = (i < nrows) & (r < filled)
-            else:
-                r = i
-                valid = i < nrows
-            x = tl.load(base_ptr + r.to(tl.int64)[:, None] * stride_r + cols[None, :],
-                        mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float64)
+            x, valid = _group_rows(base_ptr, b0, ptr, M, nrows, stride_r, cols, cmask, filled, WRAP, BLOCK_B)
             dx = tl.where(valid[:, None], x - mean[None, :], 0.0)
             m2 += tl.sum(dx * dx, axis=0)
         return n, mean, m2
