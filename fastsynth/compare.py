@@ -103,7 +103,7 @@ def figures(rows: list[dict], out: str, n_attention: int = 8) -> dict:
     across runs: Grad-CAM attention of the same test images (paper Fig. 3)."""
     from fastsynth import figures as figs
     from fastsynth.attention import save_attention, ssl_gradcam
-    from fastsynth.eval import extract_features
+    from fastsynth.eval import extract_features, file_digest
     made, cams, images = {}, {}, None
     for r in rows:
         tag = r["name"].replace("/", "-")
@@ -115,7 +115,8 @@ def figures(rows: list[dict], out: str, n_attention: int = 8) -> dict:
             if cfg.synth == "on":
                 figs.save_variance(ckpt["model"]["synth.bank.var"], cfg.lam, os.path.join(out, f"{tag}-variance.png"))
                 items.append(f"{tag}-variance.png")
-            feats, labels = extract_features(model.encoder, splits.test, cfg, device, "embedding")
+            cache = (os.path.join(r["run_dir"], "features"), file_digest(os.path.join(r["run_dir"], "last.pt")))
+            feats, labels = extract_features(model.encoder, splits.test, cfg, device, "embedding", cache)
             figs.save_embedding(feats, labels, os.path.join(out, f"{tag}-embedding.png"), seed=cfg.seed)
             items.append(f"{tag}-embedding.png")
             if "/" not in r["name"]:  # Table 1 runs: the attention figure compares methods

@@ -24,10 +24,36 @@ from fastsynth.data.transforms import evaluation
 from fastsynth.progress import tqdm
 
 
+def file_digest(path: str) -> str:
+    """sha1 of a file's bytes (a checkpoint's identity for the feature cache)."""
+    import hashlib
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, device: torch.device,
-                     desc: str = "features"):
-    """Encoder features (N x d, float32, CPU) and labels (N,) with the evaluation view."""
+                     desc: str = "features", cache: tuple[str, str] | None = None):
+    """Encoder features (N x d, float32, CPU) and labels (N,) with the evaluation view.
+
+    cache = (folder, checkpoint digest): features are saved there keyed by the checkpoint, the
+    transform (image size) and the file list, and loaded instead of recomputed next time.
+    """
+    path = None
+    if cache is not None:
+        import hashlib
+        key = hashlib.sha1("\n".join([cache[1], f"evaluation-{cfg.image_size}", *images.paths]).encode()).hexdigest()
+        path = os.path.join(cache[0], f"features-{key[:20]}.pt")
+        if os.path.isfile(path):
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                print(f"{desc}: cached features from {path}")
+                return saved["features"], saved["labels"]
+            except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+                pass
     loader = make_loader(images, evaluation(cfg.image_size), cfg.batch_size, shuffle=False, drop_last=False,
                          workers=cfg.workers, seed=cfg.seed)
     was_training = encoder.training
@@ -37,14 +63,19 @@ def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, d
         feats.append(encoder(x.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    out = torch.cat(feats), torch.cat(labels)
+    if path is not None:
+        from fastsynth.checkpoint import save_atomic
+        os.makedirs(cache[0], exist_ok=True)
+        save_atomic({"features": out[0], "labels": out[1]}, path)
+    return out
 
 
 def evaluate_encoder(encoder: torch.nn.Module, splits: Splits, cfg: Config, device: torch.device,
-                     tag: str = "") -> dict:
+                     tag: str = "", cache: tuple[str, str] | None = None) -> dict:
     """{'linear_top1@100', ..., 'rank1', 'rank5', 'mAP', 'knn_top1'} as fractions in [0, 1]."""
-    tr_f, tr_y = extract_features(encoder, splits.train, cfg, device, f"{tag}train features")
-    te_f, te_y = extract_features(encoder, splits.test, cfg, device, f"{tag}test features")
+    tr_f, tr_y = extract_features(encoder, splits.train, cfg, device, f"{tag}train features", cache)
+    te_f, te_y = extract_features(encoder, splits.test, cfg, device, f"{tag}test features", cache)
     out = {}
     for frac in cfg.fractions():
         idx = metrics.stratified_subset(tr_y, frac, seed=cfg.seed)
@@ -111,7 +142,9 @@ def main(argv=None) -> int:
         splits = build_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.seed)
         splits = clean_splits(splits, cfg.max_bad_fraction,
                               os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "bad_files.txt"))
-        res = evaluate_encoder(model.encoder.to(device), splits, cfg, device)
+        cache = (os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "features"),
+                 file_digest(args.checkpoint))
+        res = evaluate_encoder(model.encoder.to(device), splits, cfg, device, cache=cache)
     except (CheckpointError, ConfigError, DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,6 +54,14 @@ def test_eval_cli_reads_checkpoint(tiny_run, tmp_path, capsys):
     assert rc == 0
     res = json.load(open(out))
     assert set(res) == {"linear_top1@100", "linear_top5@100", "rank1", "rank5", "mAP", "knn_top1"}
+    # Features are cached by checkpoint digest, transform and file list: a second evaluation
+    # reads them back and reports the same numbers.
+    assert len(os.listdir(os.path.join(tiny_run, "features"))) == 2
+    capsys.readouterr()
+    assert fs_eval.main(["--checkpoint", os.path.join(tiny_run, "last.pt"), "--probe-fractions", "1.0",
+                         "--probe-epochs", "2", "--output", str(out)]) == 0
+    assert capsys.readouterr().out.count("cached features from") == 2
+    assert json.load(open(out)) == res
 
 
 def test_stages_run_alone(tiny_root, tiny_run, tmp_path):
