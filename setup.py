@@ -29,7 +29,8 @@ setup(
         "scikit-learn",   # t-SNE embedding figure
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy", "tensorboard"],
+        "tensorboard": ["tensorboard"],
         "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],
         # apex is not on the package index: install it from source yourself; it is used only
         # when importable and never required.

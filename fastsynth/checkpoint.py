@@ -52,9 +52,32 @@ class RunDir:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    writer = None  # a TensorBoard SummaryWriter when --tensorboard is on
+
+    def enable_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                              "(or pip install -e '.[tensorboard]')") from None
+        self.writer = SummaryWriter(self.file("tensorboard"))
+
     def log(self, record: dict) -> None:
         with open(self.file("metrics.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:  # the same numbers, as TensorBoard scalars per stage
+            step = record.get("step", record.get("epoch", 0))
+            for k, v in record.items():
+                if k not in ("stage", "epoch", "step") and isinstance(v, (int, float)) and v == v:
+                    self.writer.add_scalar(f"{record.get('stage', 'run')}/{k}", v, step)
+            self.writer.flush()
+
+    def log_image(self, tag: str, path: str, step: int) -> None:
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            self.writer.flush()
 
     def write_json(self, name: str, obj: dict) -> None:
         tmp = self.file(name + ".tmp")

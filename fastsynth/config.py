@@ -37,6 +37,8 @@ HELP = {
     "checkpoint_every": "also checkpoint every N SSL steps (0: at each epoch end only; SIGTERM/Ctrl-C "
                         "always checkpoint at the next step boundary)",
     "max_bad_steps": "stop after this many non-finite (skipped) steps in a row",
+    "tensorboard": "also log scalars and the triplet figure for TensorBoard to <run>/tensorboard "
+                   "(pip install tensorboard, or the [tensorboard] extra)",
     "max_bad_fraction": "stop when more than this fraction of a split's files cannot be decoded (they are "
                         "excluded and listed in bad_files.txt otherwise)",
     "deterministic": "deterministic algorithms; with --workers 0 a resumed run equals an uninterrupted one",
@@ -133,6 +135,7 @@ class Config:
     max_bad_steps: int = 20
     deterministic: bool = False
     max_bad_fraction: float = 0.01
+    tensorboard: bool = False
 
     def effective_lr(self) -> float:
         return self.lr * self.batch_size / 256

@@ -238,6 +238,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         checkpoint(epoch + 1, 0)
         if last is not None:
             save_triplets(*last, run.file("triplets.png"))
+            run.log_image("triplets", run.file("triplets.png"), step)
     return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step, "bad_steps": bad.total}
 
 

@@ -120,6 +120,11 @@ def run(cfg) -> dict:
         run_dir = checkpoint.RunDir(cfg.output_dir, f"{cfg.dataset}-{cfg.method}-synth{cfg.synth}")
     if cfg.deterministic:
         _deterministic(cfg)
+    if cfg.tensorboard:
+        try:
+            run_dir.enable_tensorboard()
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     save(cfg, run_dir.file("config.json"))

@@ -118,3 +118,16 @@ def test_amp_bfloat16_on_cpu(tiny_root, tmp_path):
                        "--amp", "--stage", "ssl"]) == 0
     ssl = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"ssl"' in line]
     assert ssl and all(v == v and abs(v) < 1e6 for r in ssl for k, v in r.items() if k.startswith("l"))
+
+
+def test_tensorboard_logs_scalars_and_triplets(tiny_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / "tb")
+    assert train.main(["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY,
+                       "--stage", "warmup", "--tensorboard"]) == 0
+    assert train.main(["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY,
+                       "--stage", "ssl", "--tensorboard"]) == 0
+    acc = EventAccumulator(os.path.join(out, "tensorboard")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"warmup/l_r", "ssl/loss", "ssl/l_c", "ssl/l_cp"} <= tags
+    assert "triplets" in acc.Tags()["images"]
