@@ -24,14 +24,6 @@ def device_name(dev: torch.device) -> str:
     return f"cpu {platform.machine()}"
 
 
-def impls(module) -> list[str]:
-    """The impls that run here: the reference always, Triton where its kernel and a GPU exist."""
-    out = ["torch"]
-    if getattr(module, "HAS_TRITON_KERNEL", False) and CUDA:
-        out.append("triton")
-    return out
-
-
 def skip_unless_runnable(impl: str, module) -> None:
     """Skip the Triton case where it cannot be timed (CPU, or the kernel not written yet)."""
     import pytest

@@ -109,13 +109,17 @@ def test_dataset_choices_match_registry():
     assert set(CHOICES["dataset"]) == set(DATASETS)
 
 
+def _warmup_then_ssl(root, out, *flags):
+    """The two training stages of a tiny run, one after the other, with extra flags."""
+    for stage in ("warmup", "ssl"):
+        assert train.main(["--dataset", "folder", "--data-root", root, "--output-dir", out, *TINY,
+                           *flags, "--stage", stage]) == 0
+
+
 def test_amp_bfloat16_on_cpu(tiny_root, tmp_path):
     """--amp picks bfloat16 autocast on the CPU; the step runs and the losses stay finite."""
     out = str(tmp_path / "amp")
-    assert train.main(["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY,
-                       "--amp", "--stage", "warmup"]) == 0
-    assert train.main(["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY,
-                       "--amp", "--stage", "ssl"]) == 0
+    _warmup_then_ssl(tiny_root, out, "--amp")
     ssl = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"ssl"' in line]
     assert ssl and all(v == v and abs(v) < 1e6 for r in ssl for k, v in r.items() if k.startswith("l"))
 
@@ -123,10 +127,7 @@ def test_amp_bfloat16_on_cpu(tiny_root, tmp_path):
 def test_tensorboard_logs_scalars_and_triplets(tiny_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = str(tmp_path / "tb")
-    assert train.main(["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY,
-                       "--stage", "warmup", "--tensorboard"]) == 0
-    assert train.main(["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY,
-                       "--stage", "ssl", "--tensorboard"]) == 0
+    _warmup_then_ssl(tiny_root, out, "--tensorboard")
     acc = EventAccumulator(os.path.join(out, "tensorboard")).Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"warmup/l_r", "ssl/loss", "ssl/l_c", "ssl/l_cp"} <= tags

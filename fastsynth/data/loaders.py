@@ -52,10 +52,10 @@ class FileDataset(Dataset):
 
 
 def make_loader(images: ImageList, transform, batch_size: int, *, shuffle: bool, drop_last: bool,
-                workers: int = 0, seed: int = 0, cache: bool = False, pin_memory: bool = False) -> DataLoader:
+                workers: int = 0, seed: int = 0, pin_memory: bool = False) -> DataLoader:
     gen = torch.Generator()
     gen.manual_seed(seed)  # the shuffling order follows --seed
-    return DataLoader(FileDataset(images, transform, cache=cache and workers == 0), batch_size=batch_size,
+    return DataLoader(FileDataset(images, transform), batch_size=batch_size,
                       shuffle=shuffle, drop_last=drop_last, num_workers=workers, generator=gen,
                       pin_memory=pin_memory, persistent_workers=workers > 0)
 
