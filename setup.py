@@ -29,7 +29,9 @@ setup(
         "scikit-learn",   # t-SNE embedding figure
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy", "tensorboard"],
+        # DALI is in the test extra so that tests/test_dali.py runs its CPU-only pipeline in CI.
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy", "tensorboard",
+                 "nvidia-dali-cuda130; platform_system == 'Linux'"],
         "tensorboard": ["tensorboard"],
         "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],
         # apex is not on the package index: install it from source yourself; it is used only

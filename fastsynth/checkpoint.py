@@ -41,13 +41,22 @@ def load(path: str) -> dict:
 
 
 class RunDir:
-    """The run folder: config.json, metrics.jsonl, checkpoints, figures, final metrics."""
+    """The run folder: config.json, metrics.jsonl, checkpoints, figures, final metrics.
 
-    def __init__(self, path: str | None, name_hint: str):
+    With several ranks every rank knows the folder (it reads checkpoints from it on resume) but
+    only rank 0 writes: `active` is False elsewhere and the writers below do nothing.
+    """
+
+    def __init__(self, path: str | None, name_hint: str, active: bool = True):
         if path is None:
-            path = os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{name_hint}")
-        os.makedirs(path, exist_ok=True)
-        self.path = path
+            path = self.default_path(name_hint)
+        if active:
+            os.makedirs(path, exist_ok=True)
+        self.path, self.active = path, active
+
+    @staticmethod
+    def default_path(name_hint: str) -> str:
+        return os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{name_hint}")
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -55,6 +64,8 @@ class RunDir:
     writer = None  # a TensorBoard SummaryWriter when --tensorboard is on
 
     def enable_tensorboard(self) -> None:
+        if not self.active:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -63,6 +74,8 @@ class RunDir:
         self.writer = SummaryWriter(self.file("tensorboard"))
 
     def log(self, record: dict) -> None:
+        if not self.active:
+            return
         with open(self.file("metrics.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:  # the same numbers, as TensorBoard scalars per stage
@@ -73,13 +86,15 @@ class RunDir:
             self.writer.flush()
 
     def log_image(self, tag: str, path: str, step: int) -> None:
-        if self.writer is not None:
+        if self.active and self.writer is not None:
             import numpy as np
             from PIL import Image
             self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
             self.writer.flush()
 
     def write_json(self, name: str, obj: dict) -> None:
+        if not self.active:
+            return
         tmp = self.file(name + ".tmp")
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)

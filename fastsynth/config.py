@@ -28,10 +28,12 @@ CHOICES = {
     "impl": ("reference", "fast"),
     "arch": ("resnet18", "resnet34", "resnet50"),
     "amp_dtype": ("auto", "bfloat16", "float16"),
+    "bn": ("auto", "shuffle", "sync", "local"),
 }
 
 HELP = {
-    "resume": "continue an interrupted run: 'auto' (the newest valid checkpoint in --output-dir) or a "
+    "resume": "continue an interrupted run: 'auto' (the newest valid checkpoint in --output-dir), 'if-any' "
+              "(the same, or a fresh run when there is none: for torchrun's elastic restarts) or a "
               "checkpoint path; the checkpoint's config is used, run-control flags from this command",
     "keep_checkpoints": "SSL checkpoints kept in the run folder (last.pt and the older ones beside it)",
     "checkpoint_every": "also checkpoint every N SSL steps (0: at each epoch end only; SIGTERM/Ctrl-C "
@@ -70,7 +72,12 @@ HELP = {
     "probe": "cached: linear layer on features extracted once (seconds); paper: METHOD.md's protocol, "
              "augmented crops each epoch through the frozen encoder, SGD lr 30 (hours on real data)",
     "amp": "mixed precision: bfloat16 autocast where supported, else float16 + GradScaler",
-    "device": "auto | cpu | cuda | cuda:N",
+    "device": "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)",
+    "bn": "BatchNorm across ranks (torchrun): shuffle = MoCo's shuffle-BN for the key encoder; sync = every "
+          "BatchNorm over the global batch (SyncBN); local = each rank's own batch; auto = shuffle for "
+          "mocov2, sync for simsiam. One process: all the same",
+    "dist_timeout": "minutes a collective may wait for the other ranks before the job fails (a dead rank)",
+    "batch_size": "global batch: with torchrun each of the W processes takes batch_size / W images",
 }
 
 
@@ -128,6 +135,9 @@ class Config:
     seed: int = 0
     device: str = "auto"
     log_every: int = 20
+    # several processes (torchrun)
+    bn: str = "auto"
+    dist_timeout: float = 30.0
     # interruptions and numerical trouble
     resume: Optional[str] = None
     keep_checkpoints: int = 3
@@ -136,6 +146,11 @@ class Config:
     deterministic: bool = False
     max_bad_fraction: float = 0.01
     tensorboard: bool = False
+
+    def bn_mode(self) -> str:
+        if self.bn != "auto":
+            return self.bn
+        return "shuffle" if self.method == "mocov2" else "sync"
 
     def effective_lr(self) -> float:
         return self.lr * self.batch_size / 256
@@ -171,6 +186,11 @@ class Config:
                               f"got {self.image_size}")
         if not 0 <= self.lam <= 1:
             raise ConfigError(f"--lam must be in [0, 1] (it thresholds the unit-norm variance vector), got {self.lam}")
+        if self.method == "simsiam" and self.bn == "shuffle":
+            raise ConfigError("--bn shuffle is MoCo's key-encoder shuffle; SimSiam has no key encoder "
+                              "(use --bn sync or --bn local)")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.method == "mocov2" and self.queue_size < self.batch_size:
             raise ConfigError(f"--queue-size {self.queue_size} is smaller than --batch-size {self.batch_size}: "
                               "each step enqueues a whole batch of keys")

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastsynth import dist
 from fastsynth.checkpoint import FORMAT, RunDir, load_into, rng_state, rotate_and_save, save_atomic, set_rng_state
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
@@ -71,11 +72,17 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
     the epoch's shuffling state are saved at the step boundary and {"stopped": True} returned.
     """
     decoder = model.synth.decoder
+    # Every rank encodes the whole set (the encoder is frozen and the pass is cheap next to 200
+    # epochs); the decoder's steps are sharded: rank r takes its slice of each global batch.
     feats, images = _frozen_features(model, splits, cfg, device)
     params = list(decoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg.decoder_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
+    world, rank = dist.world(), dist.rank()
     n, bs = feats.shape[0], min(cfg.batch_size, feats.shape[0])
+    bs -= bs % world
+    local_bs = bs // world
+    step_decoder = dist.ddp(decoder, device) if world > 1 else decoder
     steps_per_epoch = max(1, n // bs)
     step, start_epoch, skip, last = 0, 0, 0, float("nan")
     bad = BadSteps(cfg.max_bad_steps)
@@ -88,6 +95,8 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
     decoder.train()
 
     def save(epoch: int, batch: int, epoch_gen_state: torch.Tensor, complete: bool) -> None:
+        if not run.active:
+            return
         save_atomic({"format": FORMAT, "stage": "warmup", "complete": complete, "config": cfg.to_dict(),
                      "epoch": epoch, "batch_in_epoch": batch, "step": step, "generator": epoch_gen_state,
                      "decoder": decoder.state_dict(), "optimizer": opt.state_dict()}, run.file("warmup.pt"))
@@ -98,15 +107,15 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
         perm = torch.randperm(n, generator=gen)
         total, done = torch.zeros((), device=device), 0
         for i in range(skip if epoch == start_epoch else 0, steps_per_epoch):
-            if stop.requested:
+            if dist.any_rank(stop.requested):
                 save(epoch, i, epoch_gen_state, complete=False)
                 return {"stopped": True, "warmup_steps": step}
-            idx = perm[i * bs:(i + 1) * bs]
+            idx = perm[i * bs:(i + 1) * bs][rank * local_bs:(rank + 1) * local_bs]
             z, x = feats[idx].to(device), images[idx].to(device).float()
-            loss = F.mse_loss(decoder(z), x)
+            loss = F.mse_loss(step_decoder(z), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if bad.check(finite_step(loss, params), "warm-up", step):
+            if bad.check(_finite_everywhere(loss, params), "warm-up", step):
                 opt.step()
                 total += loss.detach()
                 done += 1
@@ -151,13 +160,19 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     and on a stop request; the previous --keep-checkpoints - 1 stay beside it.
     """
     dataset = FileDataset(splits.train, SSLViews(cfg.image_size), cache=cfg.workers == 0)
-    steps_per_epoch = len(dataset) // cfg.batch_size
+    world, rank = dist.world(), dist.rank()
+    local_bs = cfg.batch_size // world  # --batch-size is the global batch
+    steps_per_epoch = len(dataset) // world // local_bs
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)")
     base_lr = cfg.effective_lr()
     opt = torch.optim.SGD(model.method.param_groups(base_lr, cfg.weight_decay), lr=base_lr, momentum=cfg.momentum)
     dec_opt = torch.optim.Adam(model.synth.decoder.parameters(), lr=cfg.decoder_lr) if model.synth else None
     params = [p for p in model.parameters() if p.requires_grad]
+    # Several ranks: DDP averages the gradients. Buffers are not broadcast each step: the queue
+    # and bank stay identical by construction (every rank adds the same gathered rows), and BN
+    # running statistics are per rank unless --bn sync (rank 0's are saved).
+    step_model = dist.ddp(model, device) if world > 1 else model
     autocast, scaler = precision(cfg, device)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -173,9 +188,10 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             scaler.load_state_dict(state["scaler"])
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         bad.total = state.get("bad_steps", 0)
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_ranks")
+        set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else state["rng"])
         print(f"continuing SSL training at epoch {start_epoch + 1}, batch {skip}, step {step}")
-    else:
+    elif run.active:
         _set_aside_previous_run(run)
 
     def checkpoint(epoch: int, batch: int) -> None:
@@ -186,34 +202,18 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         if step >= total_steps:
             break
         first = skip if epoch == start_epoch else 0
-        loader = epoch_loader(dataset, cfg.batch_size, epoch, cfg.seed, first, cfg.workers, device.type == "cuda")
+        loader = epoch_loader(dataset, local_bs, epoch, cfg.seed, first, cfg.workers, device.type == "cuda",
+                              rank=rank, world=world)
         sums, count, last, ctx = {}, 0, None, {}  # last: (x, x_hat, x_tilde) of the newest batch
         bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
         for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
             x1, x2, x = (t.to(device, non_blocking=True) for t in (x1, x2, x))
             _cosine(opt, base_lr, step, total_steps)
-            with autocast():
-                # Noise seed per step (and, with several ranks later, per rank): reproducible.
-                loss, parts, ctx, out = model(x1, x2, x if model.synth else None, seed=cfg.seed * 1_000_003 + step)
-            opt.zero_grad(set_to_none=True)
-            if dec_opt:
-                dec_opt.zero_grad(set_to_none=True)
-            if scaler:  # float16: the GradScaler skips steps with inf/NaN gradients itself
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                if dec_opt:
-                    scaler.step(dec_opt)
-                scaler.update()
-                good = True
-            else:
-                loss.backward()
-                good = bad.check(finite_step(loss, params), "SSL", step)
-                if good:
-                    opt.step()
-                    if dec_opt:
-                        dec_opt.step()
-            if good:  # a skipped step must not move the key encoder or put its keys in the queue
-                model.method.after_step(ctx)
+            seed = noise_seed(cfg.seed, step, rank, world)
+            good, loss, parts, ctx, out = ssl_step(
+                step_model, model, opt, dec_opt, scaler, autocast, (x1, x2, x), seed,
+                lambda loss: bad.check(_finite_everywhere(loss, params), "SSL", step))
+            if good:
                 for k, v in {"loss": loss, **parts}.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 count += 1
@@ -224,7 +224,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 bar.set_postfix({k: f"{(v / count).item():.3f}" for k, v in sums.items()})
             # Checkpoints at the end of a step, before the loader draws the next batch's
             # augmentations: the saved RNG state is the one the next step starts from.
-            if stop.requested:
+            if dist.any_rank(stop.requested):
                 checkpoint(*((epoch, i + 1) if i + 1 < steps_per_epoch else (epoch + 1, 0)))
                 return {"stopped": True, "ssl_steps": step}
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and i + 1 < steps_per_epoch:
@@ -236,10 +236,51 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                  "bad_steps": bad.total, **epoch_means})
         _collapse_check(cfg.method, ctx, run, epoch)
         checkpoint(epoch + 1, 0)
-        if last is not None:
+        if last is not None and run.active:
             save_triplets(*last, run.file("triplets.png"))
             run.log_image("triplets", run.file("triplets.png"), step)
     return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step, "bad_steps": bad.total}
+
+
+def noise_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
+    """The dual-noise seed of a step on a rank: reproducible from --seed, distinct for every
+    (step, rank) pair of a run, and the single-process value when world = 1."""
+    return (seed * 1_000_003 + step) * world + rank
+
+
+def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch, seed: int, finite):
+    """One step of Eq. 8 (or Eq. 1 alone): forward, backward, the optimizers, then the method's
+    state updates (the queue). `finite(loss)` says whether the step's gradients may be applied;
+    a skipped step must not move the key encoder's queue either. `step_model` is `model` or its
+    DDP wrapper. Returns (applied, loss, parts, ctx, synth outputs)."""
+    x1, x2, x = batch
+    with autocast():
+        loss, parts, ctx, out = step_model(x1, x2, x if model.synth else None, seed=seed)
+    opt.zero_grad(set_to_none=True)
+    if dec_opt:
+        dec_opt.zero_grad(set_to_none=True)
+    if scaler:  # float16: the GradScaler skips steps with inf/NaN gradients itself
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        if dec_opt:
+            scaler.step(dec_opt)
+        scaler.update()
+        good = True
+    else:
+        loss.backward()
+        good = finite(loss)
+        if good:
+            opt.step()
+            if dec_opt:
+                dec_opt.step()
+    if good:
+        model.method.after_step(ctx)
+    return good, loss, parts, ctx, out
+
+
+def _finite_everywhere(loss: torch.Tensor, params) -> bool:
+    """finite_step on every rank: with several ranks all of them skip a step if one must."""
+    return not dist.any_rank(not finite_step(loss, params))
 
 
 def _set_aside_previous_run(run: RunDir) -> None:
@@ -259,10 +300,17 @@ def _set_aside_previous_run(run: RunDir) -> None:
 
 def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, batch_in_epoch: int,
                     step: int, bad_steps: int = 0) -> None:
-    """Everything an exact continuation needs; (epoch, batch_in_epoch) is the next batch to read."""
+    """Everything an exact continuation needs; (epoch, batch_in_epoch) is the next batch to read.
+
+    Called on every rank (the RNG states are gathered); only rank 0 writes.
+    """
+    rngs = dist.gather_objects(rng_state())
+    if not run.active:
+        return
     state = {"format": FORMAT, "stage": "ssl", "config": cfg.to_dict(), "epoch": epoch,
              "batch_in_epoch": batch_in_epoch, "step": step, "bad_steps": bad_steps,
              "model": model.state_dict(), "optimizer": opt.state_dict(),
              "decoder_optimizer": dec_opt.state_dict() if dec_opt else None,
-             "scaler": scaler.state_dict() if scaler else None, "rng": rng_state()}
+             "scaler": scaler.state_dict() if scaler else None, "rng": rngs[0],
+             "rng_ranks": rngs if len(rngs) > 1 else None}
     rotate_and_save(state, run, cfg.keep_checkpoints)

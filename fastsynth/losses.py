@@ -44,20 +44,32 @@ def normalized_variance(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
 
 
-def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
-    """Eq. 7 (MoCo variant): NT-Xent over the 2B synthesized embeddings.
+def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float, a_all: torch.Tensor | None = None,
+            b_all: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """Eq. 7 (MoCo variant): NT-Xent over the 2N synthesized embeddings.
 
     a = norm(g(f(x_hat))), b = norm(g(f(x_tilde))), both B x C unit norm. Positives are the pairs
-    (a_i, b_i); negatives every other synthesized embedding of the batch (2B - 2 per anchor).
-    Mean over the 2B anchors.
+    (a_i, b_i); negatives every other synthesized embedding of the batch (2N - 2 per anchor).
+    Mean over the 2B anchors of a and b.
+
+    Several ranks: a_all, b_all (N x C) are the global batch, of which a, b are rows
+    offset .. offset + B; the anchors are the local rows, the candidates all 2N. The mean of the
+    ranks' losses is then the single-process loss over the global batch.
     """
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"nt_xent: a and b must both be B x C, got {tuple(a.shape)} and {tuple(b.shape)}")
-    n = a.shape[0]
-    e = torch.cat([a, b], dim=0).float()                   # 2B x C
-    sim = e @ e.t() / tau                                  # 2B x 2B
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=e.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(e.device)
+    if a_all is None:
+        a_all, b_all, offset = a, b, 0
+    n, big_n = a.shape[0], a_all.shape[0]
+    anchors = torch.cat([a, b], dim=0).float()                       # 2B x C
+    candidates = torch.cat([a_all, b_all], dim=0).float()            # 2N x C
+    sim = anchors @ candidates.t() / tau                             # 2B x 2N
+    rows = torch.arange(n, device=a.device) + offset
+    own = torch.cat([rows, rows + big_n])                            # each anchor's own column
+    target = torch.cat([rows + big_n, rows])                         # its positive's column
+    self_mask = torch.zeros(sim.shape, dtype=torch.bool, device=a.device)
+    self_mask[torch.arange(2 * n, device=a.device), own] = True
+    sim = sim.masked_fill(self_mask, float("-inf"))
     return F.cross_entropy(sim, target)
 
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from fastsynth import checkpoint
+from fastsynth import checkpoint, dist
 from fastsynth.config import ConfigError, from_args, from_dict, save
 from fastsynth.data.base import DatasetError
 from fastsynth.guard import StopRequest, TrainingError
@@ -24,7 +24,8 @@ from fastsynth.guard import StopRequest, TrainingError
 # Flags that steer this invocation rather than define the experiment: on --resume, those given on
 # the command line apply; everything else comes from the checkpoint's config.
 RUN_CONTROL = ("stage", "resume_from", "output_dir", "device", "workers", "log_every", "keep_checkpoints",
-               "checkpoint_every", "max_bad_steps", "deterministic", "download", "data_root", "max_bad_fraction")
+               "checkpoint_every", "max_bad_steps", "deterministic", "download", "data_root", "max_bad_fraction",
+               "dist_timeout")
 
 
 def seed_everything(seed: int) -> None:
@@ -61,7 +62,7 @@ def _load_stage_inputs(model, cfg, run) -> None:
 
 def _resume_point(cfg):
     """--resume: (config to continue with, run folder, SSL state or None, warm-up state or None)."""
-    if cfg.resume == "auto":
+    if cfg.resume in ("auto", "if-any"):
         if not cfg.output_dir or not os.path.isdir(cfg.output_dir):
             raise checkpoint.CheckpointError(f"--resume auto needs --output-dir set to an existing run folder, "
                                              f"got {cfg.output_dir!r}")
@@ -96,6 +97,13 @@ def _resume_point(cfg):
     return from_dict(merged).validate(), run_dir, ssl_state, warm_state
 
 
+def _has_checkpoint(path) -> bool:
+    if not path or not os.path.isdir(path):
+        return False
+    return any(f in ("last.pt", "warmup.pt") or (f.startswith("ssl-step") and f.endswith(".pt"))
+               for f in os.listdir(path))
+
+
 def _deterministic(cfg) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -113,11 +121,26 @@ def run(cfg) -> dict:
     from fastsynth.eval import evaluate_encoder, format_table
     from fastsynth.model import SynthSSL
 
+    # Under torchrun: join the process group first; rank 0 alone prints and writes.
+    device = dist.init(resolve_device(cfg.device), cfg.dist_timeout)
+    world = dist.world()
+    if not dist.is_main():
+        global _SAVED_STDOUT
+        _SAVED_STDOUT, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 - errors reach stderr
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
+                          f"the {world} processes")
     ssl_state = warm_state = None
+    if cfg.resume == "if-any" and not _has_checkpoint(cfg.output_dir):
+        print(f"--resume if-any: nothing to resume in {cfg.output_dir}; starting a fresh run")
+        cfg.resume = None
     if cfg.resume:
         cfg, run_dir, ssl_state, warm_state = _resume_point(cfg)
+        run_dir.active = dist.is_main()
     else:
-        run_dir = checkpoint.RunDir(cfg.output_dir, f"{cfg.dataset}-{cfg.method}-synth{cfg.synth}")
+        hint = f"{cfg.dataset}-{cfg.method}-synth{cfg.synth}"
+        path = dist.broadcast_object(cfg.output_dir or checkpoint.RunDir.default_path(hint))
+        run_dir = checkpoint.RunDir(path, hint, active=dist.is_main())
     if cfg.deterministic:
         _deterministic(cfg)
     if cfg.tensorboard:
@@ -125,20 +148,26 @@ def run(cfg) -> dict:
             run_dir.enable_tensorboard()
         except ImportError as e:
             raise ConfigError(str(e)) from None
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    save(cfg, run_dir.file("config.json"))
+    if run_dir.active:
+        save(cfg, run_dir.file("config.json"))
     print("config:", json.dumps(cfg.to_dict(), sort_keys=True))
-    print(f"run folder: {run_dir.path}   device: {device}")
+    print(f"run folder: {run_dir.path}   device: {device}   {dist.describe()}")
 
     t0 = time.time()
-    splits = build_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.seed)
-    splits = clean_splits(splits, cfg.max_bad_fraction, run_dir.file("bad_files.txt"), workers=max(cfg.workers, 4))
+    with dist.main_first():  # rank 0 generates / scans into the caches; the others then read them
+        splits = build_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.seed)
+        report = run_dir.file("bad_files.txt") if run_dir.active else os.devnull
+        splits = clean_splits(splits, cfg.max_bad_fraction, report, workers=max(cfg.workers, 4))
     print(f"dataset {cfg.dataset}: {len(splits.train)} train / {len(splits.test)} test images, "
           f"{splits.train.num_classes} classes")
     seed_everything(cfg.seed)  # the model's initialisation depends on the seed only
     model = SynthSSL(cfg).to(device)
+    if world > 1:
+        _distribute(model, cfg, device)
     _load_stage_inputs(model, cfg, run_dir)
+    if dist.rank():
+        seed_everything(cfg.seed + dist.rank())  # augmentations differ across ranks; the weights do not
     results = {"config": cfg.to_dict(), "run_dir": run_dir.path}
 
     with StopRequest() as stop:
@@ -155,6 +184,8 @@ def run(cfg) -> dict:
         print(f"stopped by {signal.Signals(stop.signum).name}: checkpoint in {run_dir.path}; continue with\n"
               f"  python -m fastsynth.train --resume auto --output-dir {run_dir.path}", flush=True)
         return results
+    if not dist.is_main():
+        return results  # evaluation, the table and final_metrics.json: rank 0 only
     if cfg.stage in ("all", "eval"):
         table = {"trained": evaluate_encoder(model.encoder, splits, cfg, device, "trained: ")}
         # The encoder before SSL (same seed): what training must beat. With --weights that is
@@ -169,6 +200,15 @@ def run(cfg) -> dict:
     run_dir.write_json("final_metrics.json", results)
     print(f"done in {results['seconds']} s; results in {run_dir.file('final_metrics.json')}")
     return results
+
+
+def _distribute(model, cfg, device) -> None:
+    """--bn: how BatchNorm sees the global batch (METHOD.md's MoCo v2 uses shuffle-BN)."""
+    mode = cfg.bn_mode()
+    if mode == "sync":
+        dist.sync_batchnorm(model, device)
+    if hasattr(model.method, "key_bn"):
+        model.method.key_bn = mode
 
 
 def main(argv=None) -> int:
@@ -186,7 +226,25 @@ def main(argv=None) -> int:
         print("interrupted: the last checkpoint is in the run folder (--resume auto --output-dir RUN_FOLDER)",
               file=sys.stderr)
         return 130
+    except getattr(torch.distributed, "DistError", ()) as e:  # a rank died or a collective timed out
+        print(f"error: rank {dist.rank()} of {dist.world()}: {type(e).__name__}: {str(e).splitlines()[0][:300]} "
+              "(another process probably failed first: see its message; continue with --resume auto)",
+              file=sys.stderr)
+        return 1
+    finally:
+        dist.shutdown()
+        _restore_stdout()
     return 0
+
+
+_SAVED_STDOUT = None  # a non-zero rank's real stdout while it runs silenced
+
+
+def _restore_stdout() -> None:
+    global _SAVED_STDOUT
+    if _SAVED_STDOUT is not None:
+        sys.stdout.close()
+        sys.stdout, _SAVED_STDOUT = _SAVED_STDOUT, None
 
 
 if __name__ == "__main__":

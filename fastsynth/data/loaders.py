@@ -61,16 +61,28 @@ def make_loader(images: ImageList, transform, batch_size: int, *, shuffle: bool,
 
 
 def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int, skip_batches: int = 0,
-                 workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                 workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
     """Full batches of `dataset` in an order fixed by (seed, epoch), from batch `skip_batches` on.
 
     The order is a function of the epoch alone, so a run resumed mid-epoch reads exactly the
     batches it had not seen. The loader's own generator is seeded too: without one, DataLoader
     draws its worker seed from the global RNG, which would shift every later random draw.
+
+    Several ranks: `batch_size` is the per-rank batch and each rank reads its own shard, chosen
+    by a DistributedSampler with the same (seed, epoch) on every rank; the shards are disjoint
+    and together cover the epoch (less the few images that do not fill a batch on every rank).
     """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(dataset), generator=g)
-    full = len(dataset) // batch_size * batch_size
+    if world == 1:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(dataset), generator=g)
+    else:
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+    full = len(order) // batch_size * batch_size
     indices = order[:full][skip_batches * batch_size:].tolist()
+    # Workers' augmentation seeds come from this generator: distinct per rank.
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1 + 7_919 * rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=workers,
-                      generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1), pin_memory=pin_memory)
+                      generator=gen, pin_memory=pin_memory)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsynth import losses
+from fastsynth import dist, losses
 from fastsynth.models import MoCoHead, build_encoder, momentum_copy, momentum_update
 
 
@@ -26,6 +26,9 @@ class MoCoV2(nn.Module):
         self.key_encoder = momentum_copy(self.encoder)
         self.key_head = momentum_copy(self.head)
         self.m, self.tau, self.kernel_impl = momentum, tau, kernel_impl
+        # "shuffle": MoCo's shuffle-BN across ranks for the key encoder (a no-op in one process);
+        # "sync"/"local": the key encoder's BatchNorm layers decide (SyncBN or per-rank).
+        self.key_bn = "shuffle"
         # Random unit keys until real ones arrive, as in MoCo.
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -43,7 +46,10 @@ class MoCoV2(nn.Module):
         """k = norm(g_k(f_k(x))) after the momentum update of f_k, g_k (as MoCo orders it)."""
         momentum_update(self.encoder, self.key_encoder, self.m)
         momentum_update(self.head, self.key_head, self.m)
-        return F.normalize(self.key_head(self.key_encoder(x)), dim=1)
+        def net(v):
+            return self.key_head(self.key_encoder(v))
+        k = dist.shuffled_keys(net, x) if self.key_bn == "shuffle" else net(x)
+        return F.normalize(k, dim=1)
 
     def ssl_loss(self, x1: torch.Tensor, x2: torch.Tensor):
         q = self.project(self.encoder(x1))
@@ -55,14 +61,21 @@ class MoCoV2(nn.Module):
         return losses.info_nce(self.project(z), ctx["k"], self.queue, self.tau, impl=self.kernel_impl)
 
     def pair_loss(self, x_hat: torch.Tensor, x_tilde: torch.Tensor) -> torch.Tensor:
-        """Eq. 7: NT-Xent over the 2B synthesized images, one encoder pass for both halves."""
+        """Eq. 7: NT-Xent over the 2B synthesized images, one encoder pass for both halves.
+
+        With several ranks the negatives are the global batch's synthesized images (gathered,
+        gradients returned to their rank); each rank averages over its own anchors.
+        """
         e = self.project(self.encoder(torch.cat([x_hat, x_tilde], dim=0)))
         a, b = e.chunk(2, dim=0)
-        return losses.nt_xent(a, b, self.tau)
+        if dist.world() == 1:
+            return losses.nt_xent(a, b, self.tau)
+        return losses.nt_xent(a, b, self.tau, dist.gather_with_grad(a), dist.gather_with_grad(b),
+                              dist.row_offset(a.shape[0]))
 
     @torch.no_grad()
     def after_step(self, ctx: dict) -> None:
-        self.enqueue(ctx["k"])
+        self.enqueue(dist.gather(ctx["k"]))  # every rank enqueues the global batch's keys
 
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastsynth import losses
+from fastsynth import dist, losses
 from fastsynth.kernels import FeatureBank, dual_noise
 from fastsynth.models import Decoder, frozen_bn_stats
 
@@ -49,7 +49,7 @@ class SynthPairs(nn.Module):
         row min-max-normalises to 0, so eps_g is full-strength everywhere.
         """
         z = z.detach()
-        self.bank.update(z)
+        self.bank.update(dist.gather(z))  # the global batch: v_bar is the same on every rank
         v_bar = losses.normalized_variance(self.bank.variance().to(z.device))
         zeros = torch.zeros_like(z)
         if self.noise == "both":

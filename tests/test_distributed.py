@@ -1,0 +1,276 @@
+"""Several processes train like one: 2 gloo ranks x batch B against 1 process x batch 2B (issue 5).
+
+The workers are spawned processes on this CPU; gloo stands in for NCCL. With --bn sync (every
+BatchNorm over the global batch) and the noise scales at 0 (the noise streams are per rank by
+design), a step of 2 ranks must give the single process's loss, parameters, queue and bank.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from fastsynth import dist
+from fastsynth.config import Config
+from fastsynth.data.loaders import epoch_loader
+from fastsynth.engine import precision, ssl_step
+from fastsynth.model import SynthSSL
+
+GLOBAL_B, STEPS = 8, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(method: str, bn: str = "sync") -> Config:
+    return Config(method=method, arch="resnet18", image_size=32, batch_size=GLOBAL_B, queue_size=32, bank_size=16,
+                  moco_dim=16, simsiam_dim=32, decoder_width=16, sigma_g=0.0, sigma_v=0.0, moco_momentum=0.9,
+                  bn=bn, lr=0.5).validate()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(123)
+    return [tuple(torch.randn(GLOBAL_B, 3, 32, 32, generator=g) for _ in range(3)) for _ in range(STEPS)]
+
+
+def _train(cfg: Config, steps: int = STEPS) -> dict:
+    """`steps` steps of ssl_step on this rank's rows of the fixed global batches; the state after
+    the first step and after the last."""
+    from fastsynth.train import _distribute
+    torch.manual_seed(0)
+    model = SynthSSL(cfg)
+    world, rank = dist.world(), dist.rank()
+    if world > 1:
+        _distribute(model, cfg, torch.device("cpu"))
+    else:
+        # The single process normalises with GlobalBatchNorm's arithmetic too (float64 sums). At
+        # initialisation the decoder's images are nearly flat, so some BatchNorm layers see a
+        # variance close to 0 and their gradient amplifies rounding: torch's float32 BatchNorm
+        # and the float64 sums then differ by ~1 % in the first layers' gradients, which says
+        # nothing about the distribution. test_global_batchnorm_equals_batchnorm compares the
+        # two arithmetics on well-conditioned data.
+        dist.sync_batchnorm(model, torch.device("cpu"))
+        for m in model.modules():
+            if isinstance(m, dist.GlobalBatchNorm):
+                m.own_math = True
+    step_model = dist.ddp(model, torch.device("cpu")) if world > 1 else model
+    opt = torch.optim.SGD(model.method.param_groups(cfg.effective_lr(), 1e-4), lr=cfg.effective_lr(), momentum=0.9)
+    dec_opt = torch.optim.SGD(model.synth.decoder.parameters(), lr=0.1, momentum=0.9)
+    autocast, scaler = precision(cfg, torch.device("cpu"))
+    b = GLOBAL_B // world
+    losses, first = [], None
+    model.train()
+    for step, batch in enumerate(_batches()[:steps]):
+        local = tuple(t[rank * b:(rank + 1) * b] for t in batch)
+        good, loss, parts, _, _ = ssl_step(step_model, model, opt, dec_opt, scaler, autocast, local,
+                                           seed=step, finite=lambda loss: True)
+        assert good
+        vals = torch.stack([loss.detach(), parts["l_c"].detach(), parts["l_r"].detach(), parts["l_cp"].detach()])
+        if world > 1:  # each rank's loss is the mean over its rows: the global mean is their mean
+            torch.distributed.all_reduce(vals)
+            vals /= world
+        losses.append(vals)
+        if step == 0:
+            first = {k: v.clone() for k, v in model.state_dict().items()}
+    return {"losses": torch.stack(losses), "first": first,
+            "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def _worker(rank: int, world: int, port: int, out: str, method: str, bn: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init(torch.device("cpu"), timeout_min=3)
+    try:
+        torch.save(_train(_cfg(method, bn)), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.shutdown()
+
+
+def _spawn(tmp_path, target, *args, world: int = 2):
+    mp.start_processes(target, args=(world, _free_port(), str(tmp_path), *args), nprocs=world,
+                       start_method="spawn", join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.mark.parametrize("method", ["mocov2", "simsiam"])
+def test_two_ranks_equal_one_process_of_twice_the_batch(method, tmp_path):
+    ranks = _spawn(tmp_path, _worker, method, "sync")
+    torch.set_num_threads(2)
+    single = _train(_cfg(method, "sync"), steps=1)
+    # After several steps every rank holds the same model, queue and bank, bit for bit.
+    for name, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][name]), name
+    torch.testing.assert_close(ranks[0]["losses"], ranks[1]["losses"])
+    # One step of 2 ranks x B equals one step of 1 process x 2B, to float tolerance: the terms of
+    # Eq. 8, every parameter and BatchNorm statistic after the update, the queue (both ranks'
+    # keys, in rank order) and the bank's rows and streaming statistics. (Later steps drift
+    # apart by rounding amplified through nearly flat decoder images; see _train.)
+    torch.testing.assert_close(ranks[0]["losses"][:1], single["losses"], rtol=1e-5, atol=1e-6)
+    init = SynthSSL(_cfg(method, "sync")).state_dict()
+    moved = 0
+    for name, v in single["first"].items():
+        got = ranks[0]["first"][name]
+        if v.is_floating_point():
+            torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            moved += int(not torch.allclose(init[name], v))
+        else:
+            assert torch.equal(got, v), name
+    assert moved > 10  # the comparison is between updated models, not two copies of the initialisation
+    if method == "mocov2":
+        assert int(single["first"]["method.queue_ptr"]) == GLOBAL_B
+    assert int(single["first"]["synth.bank.count"]) == GLOBAL_B
+    assert int(ranks[0]["state"]["synth.bank.count"]) == STEPS * GLOBAL_B  # rows seen: the global batches
+
+
+def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init(torch.device("cpu"), timeout_min=3)
+    try:
+        torch.save(_bn_case(), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.shutdown()
+
+
+def _bn_case() -> dict:
+    """A BatchNorm2d used twice in one graph (as the encoder is), on this rank's rows."""
+    torch.manual_seed(0)
+    x, y, c = torch.randn(8, 4, 5, 5) * 3 + 1, torch.randn(8, 4, 5, 5), torch.randn(8, 4, 5, 5)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    net = dist.sync_batchnorm(nn.Sequential(bn), torch.device("cpu"))
+    b = 8 // dist.world()
+    rows = slice(dist.rank() * b, (dist.rank() + 1) * b)
+    xl = x[rows].clone().requires_grad_(True)
+    loss = ((net(xl) * c[rows]).sum() + net(y[rows]).square().sum()) / 8  # this rank's share of the sum
+    loss.backward()
+    grads = torch.cat([bn.weight.grad, bn.bias.grad])
+    gx = torch.zeros_like(x)
+    gx[rows] = xl.grad
+    if dist.world() > 1:
+        torch.distributed.all_reduce(grads)
+        torch.distributed.all_reduce(gx)
+    return {"grads": grads, "gx": gx, "running": torch.cat([bn.running_mean, bn.running_var])}
+
+
+def test_global_batchnorm_equals_batchnorm(tmp_path):
+    ranks = _spawn(tmp_path, _bn_worker)
+    single = _bn_case()  # plain nn.BatchNorm2d over all 8 rows
+    for res in ranks:
+        for k in ("grads", "gx", "running"):
+            torch.testing.assert_close(res[k], single[k], rtol=1e-5, atol=1e-6)
+
+
+def _shuffle_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init(torch.device("cpu"), timeout_min=3)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(world * 6, 5)[rank * 6:(rank + 1) * 6]
+        linear = nn.Linear(5, 3)
+        bn = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
+        res = {"x": x, "linear": dist.shuffled_keys(linear, x), "linear_direct": linear(x).detach(),
+               "bn": dist.shuffled_keys(bn, x), "bn_direct": bn(x).detach(),
+               "gathered": dist.gather(x), "offset": torch.tensor(dist.row_offset(6))}
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.shutdown()
+
+
+def test_shuffle_bn_returns_each_rank_its_own_keys(tmp_path):
+    ranks = _spawn(tmp_path, _shuffle_worker)
+    for r, res in enumerate(ranks):
+        # Without BatchNorm the shuffle is invisible: each rank gets exactly its own rows back.
+        torch.testing.assert_close(res["linear"], res["linear_direct"])
+        # With BatchNorm the statistics come from a mixed batch, so the keys differ.
+        assert not torch.allclose(res["bn"], res["bn_direct"], atol=1e-3)
+        torch.testing.assert_close(res["gathered"], torch.cat([ranks[0]["x"], ranks[1]["x"]]))
+        assert int(res["offset"]) == 6 * r
+
+
+def test_epoch_shards_are_disjoint_and_cover_the_epoch():
+    data = list(range(37))
+    for epoch in (0, 1):
+        shards = [[i for batch in epoch_loader(data, 4, epoch, seed=5, rank=r, world=3) for i in batch.tolist()]
+                  for r in range(3)]
+        flat = sum(shards, [])
+        assert len(flat) == len(set(flat)) == 3 * (37 // 3 // 4 * 4)  # full per-rank batches only
+        assert all(len(s) == len(shards[0]) for s in shards)
+    a = [b.tolist() for b in epoch_loader(data, 4, 0, seed=5, rank=0, world=3)]
+    b = [b.tolist() for b in epoch_loader(data, 4, 1, seed=5, rank=0, world=3)]
+    assert a != b  # a new order each epoch
+    rest = [b.tolist() for b in epoch_loader(data, 4, 0, seed=5, skip_batches=1, rank=0, world=3)]
+    assert rest == a[1:]  # resuming mid-epoch reads the batches not yet seen
+
+
+def test_noise_seeds_differ_per_rank_and_step():
+    from fastsynth.engine import noise_seed
+    seeds = [noise_seed(3, step, rank, 4) for step in range(50) for rank in range(4)]
+    assert len(set(seeds)) == len(seeds)
+    assert noise_seed(3, 7) == noise_seed(3, 7, 0, 1) == 3 * 1_000_003 + 7  # one process: unchanged
+    assert noise_seed(3, 7, 1, 2) == noise_seed(3, 7, 1, 2)
+
+
+def test_config_checks_for_several_ranks():
+    assert _cfg("mocov2", "auto").bn_mode() == "shuffle"
+    assert _cfg("simsiam", "auto").bn_mode() == "sync"
+    with pytest.raises(ValueError, match="shuffle"):
+        _cfg("simsiam", "shuffle")
+
+
+TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1",
+        "--probe-epochs", "2", "--probe-fractions", "1.0", "--queue-size", "32", "--bank-size", "16",
+        "--decoder-width", "16", "--device", "cpu", "--workers", "0", "--dist-timeout", "3"]
+
+
+def _torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fastsynth.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_writes_once_and_resumes(tmp_path):
+    from fastsynth.data.synthetic import synthetic
+    splits = synthetic(root=str(tmp_path / "data"), num_classes=4, train_per_class=6, test_per_class=3, size=48)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    out = tmp_path / "run"
+    # --resume if-any: a fresh run the first time (what an elastic restart policy launches).
+    p = _torchrun("--resume", "if-any", "--dataset", "folder", "--data-root", root, "--output-dir", str(out), *TINY)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "starting a fresh run" in p.stdout
+    assert p.stdout.count("config:") == 1  # rank 1 prints nothing
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 24 // 8 and len(ckpt["rng_ranks"]) == 2
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["stage"] for r in records].count("ssl") == 1  # one writer
+    final = json.load(open(out / "final_metrics.json"))
+    assert set(final["metrics"]) == {"trained", "random_init"}
+    # Every rank can continue from rank 0's files.
+    p = _torchrun("--resume", "if-any", "--output-dir", str(out), "--stage", "ssl", "--dist-timeout", "3")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "resuming from" in p.stdout
+
+
+def test_uneven_global_batch_is_a_clear_error(tmp_path):
+    from fastsynth.data.synthetic import synthetic
+    splits = synthetic(root=str(tmp_path / "data"), num_classes=4, train_per_class=6, test_per_class=3, size=48)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    args = [a if a != "8" else "9" for a in TINY]
+    p = _torchrun("--dataset", "folder", "--data-root", root, "--output-dir", str(tmp_path / "run"), *args,
+                  timeout=120)
+    assert p.returncode != 0
+    assert "error: --batch-size 9 is the global batch and must divide evenly over the 2 processes" in p.stderr
