@@ -25,7 +25,10 @@ CHOICES = {
     "score": ("grad_x_act", "grad"),
     "stage": ("all", "warmup", "ssl", "eval"),
     "probe": ("cached", "paper"),
-    "impl": ("reference", "fast"),
+    "impl": ("auto", "reference", "fast"),
+    "loader": ("auto", "dali", "torch"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune"),
+    "optimizer": ("sgd", "apex-sgd", "apex-lars"),
     "arch": ("resnet18", "resnet34", "resnet50"),
     "amp_dtype": ("auto", "bfloat16", "float16"),
     "bn": ("auto", "shuffle", "sync", "local"),
@@ -59,7 +62,15 @@ HELP = {
     "max_steps": "stop each training stage after this many steps (smoke runs)",
     "stage": "all = warm-up, SSL, evaluation; or one stage alone",
     "resume_from": "checkpoint a lone stage starts from: warmup.pt for --stage ssl, last.pt for --stage eval",
-    "impl": "reference: plain PyTorch ops everywhere; fast: the Triton kernels (InfoNCE, dual noise, bank statistics) on a GPU, their references elsewhere",
+    "impl": "reference: eager float32 PyTorch ops, torchvision loader; fast: Triton kernels (InfoNCE, dual noise, "
+            "bank statistics) on a GPU, DALI loading where it imports, channels-last, torch.compile, fused "
+            "optimizers; auto: fast on a GPU, reference on a CPU",
+    "loader": "dali | torch | auto (auto: DALI with --impl fast where it imports, else torchvision)",
+    "compile": "torch.compile the networks (default: on with --impl fast)",
+    "compile_mode": "torch.compile mode (reduce-overhead uses CUDA graphs)",
+    "channels_last": "channels-last tensors for the convolutions (default: on with --impl fast)",
+    "optimizer": "sgd: PyTorch SGD (fused on CUDA); apex-sgd / apex-lars: NVIDIA apex's FusedSGD / LARC "
+                 "(apex must be installed by hand: it is not on the package index)",
     "sigma_g": "std of the Grad-CAM-guided noise eps_g (Eq. 5)",
     "sigma_v": "std of the low-variance noise eps_v (Eq. 6)",
     "lam": "lambda, threshold on v_bar for low-variance dims (Sec. 3.4)",
@@ -97,7 +108,12 @@ class Config:
     score: str = "grad_x_act"
     arch: str = "resnet50"
     weights: Optional[str] = None
-    impl: str = "reference"
+    impl: str = "auto"
+    loader: str = "auto"
+    compile: Optional[bool] = None
+    compile_mode: str = "default"
+    channels_last: Optional[bool] = None
+    optimizer: str = "sgd"
     # Eq. 1
     tau: float = 0.2
     moco_dim: int = 128
@@ -232,7 +248,7 @@ PRESETS = {
 def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     flag = "--" + f.name.replace("_", "-")
     kw = {"dest": f.name, "default": None, "help": HELP.get(f.name)}
-    if f.type in ("bool", bool):
+    if f.type in ("bool", bool, "Optional[bool]"):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         return
     base = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastsynth import dist
+from fastsynth import dist, fast
 from fastsynth.checkpoint import FORMAT, RunDir, load_into, rng_state, rotate_and_save, save_atomic, set_rng_state
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
@@ -152,13 +152,16 @@ def _collapse_check(method_name: str, ctx: dict, run: RunDir, epoch: int) -> Non
 
 
 def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device: torch.device,
-              stop: StopRequest, state: dict | None = None) -> dict:
+              stop: StopRequest, state: dict | None = None, plan: fast.Plan | None = None) -> dict:
     """SSL training with Eq. 8 (or Eq. 1 alone with --synth off). Returns the last epoch's means.
 
     `state`: an SSL checkpoint to continue from exactly (weights, optimizers, scaler, data
     position, RNG states). Checkpoints go to last.pt every epoch, every --checkpoint-every steps
-    and on a stop request; the previous --keep-checkpoints - 1 stay beside it.
+    and on a stop request; the previous --keep-checkpoints - 1 stay beside it. `plan`: the fast
+    path's switches (fast.resolve), already applied to the model by fast.prepare.
     """
+    plan = plan or fast.resolve(cfg, device)
+    fmt = fast.memory_format(plan)
     dataset = FileDataset(splits.train, SSLViews(cfg.image_size), cache=cfg.workers == 0)
     world, rank = dist.world(), dist.rank()
     local_bs = cfg.batch_size // world  # --batch-size is the global batch
@@ -166,8 +169,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)")
     base_lr = cfg.effective_lr()
-    opt = torch.optim.SGD(model.method.param_groups(base_lr, cfg.weight_decay), lr=base_lr, momentum=cfg.momentum)
-    dec_opt = torch.optim.Adam(model.synth.decoder.parameters(), lr=cfg.decoder_lr) if model.synth else None
+    opt, dec_opt = fast.optimizers(model, cfg, plan)
     params = [p for p in model.parameters() if p.requires_grad]
     # Several ranks: DDP averages the gradients. Buffers are not broadcast each step: the queue
     # and bank stay identical by construction (every rank adds the same gathered rows), and BN
@@ -202,12 +204,11 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         if step >= total_steps:
             break
         first = skip if epoch == start_epoch else 0
-        loader = epoch_loader(dataset, local_bs, epoch, cfg.seed, first, cfg.workers, device.type == "cuda",
-                              rank=rank, world=world)
+        loader = _ssl_loader(plan, dataset, splits, cfg, local_bs, epoch, first, device)
         sums, count, last, ctx = {}, 0, None, {}  # last: (x, x_hat, x_tilde) of the newest batch
         bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
         for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
-            x1, x2, x = (t.to(device, non_blocking=True) for t in (x1, x2, x))
+            x1, x2, x = (t.to(device, non_blocking=True, memory_format=fmt) for t in (x1, x2, x))
             _cosine(opt, base_lr, step, total_steps)
             seed = noise_seed(cfg.seed, step, rank, world)
             good, loss, parts, ctx, out = ssl_step(
@@ -240,6 +241,21 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             save_triplets(*last, run.file("triplets.png"))
             run.log_image("triplets", run.file("triplets.png"), step)
     return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step, "bad_steps": bad.total}
+
+
+def _ssl_loader(plan: fast.Plan, dataset, splits: Splits, cfg: Config, local_bs: int, epoch: int, first: int,
+                device: torch.device):
+    """One epoch of this rank's batches from the torchvision or the DALI loader: the same sample
+    order, the same ((x1, x2, x), labels, indices) batches."""
+    world, rank = dist.world(), dist.rank()
+    if plan.loader == "dali":
+        from fastsynth.data.dali import make_dali_ssl_loader
+        return make_dali_ssl_loader(splits.train, cfg.image_size, local_bs, seed=cfg.seed, epoch=epoch,
+                                    skip_batches=first, device="gpu" if device.type == "cuda" else "cpu",
+                                    device_id=device.index if device.type == "cuda" else None,
+                                    shard_id=rank, num_shards=world, workers=max(cfg.workers, 1))
+    return epoch_loader(dataset, local_bs, epoch, cfg.seed, first, cfg.workers, device.type == "cuda",
+                        rank=rank, world=world)
 
 
 def noise_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from fastsynth import checkpoint, dist
+from fastsynth import checkpoint, dist, fast
 from fastsynth.config import ConfigError, from_args, from_dict, save
 from fastsynth.data.base import DatasetError
 from fastsynth.guard import StopRequest, TrainingError
@@ -166,6 +166,9 @@ def run(cfg) -> dict:
     if world > 1:
         _distribute(model, cfg, device)
     _load_stage_inputs(model, cfg, run_dir)
+    plan = fast.resolve(cfg, device)
+    fast.prepare(model, plan, cfg.compile_mode)
+    print(f"path: {plan.describe()}")
     if dist.rank():
         seed_everything(cfg.seed + dist.rank())  # augmentations differ across ranks; the weights do not
     results = {"config": cfg.to_dict(), "run_dir": run_dir.path}
@@ -178,7 +181,7 @@ def run(cfg) -> dict:
             else:
                 results.update(warmup_decoder(model, splits, cfg, run_dir, device, stop, state=warm_state))
         if cfg.stage in ("all", "ssl") and not results.get("stopped"):
-            results.update(train_ssl(model, splits, cfg, run_dir, device, stop, state=ssl_state))
+            results.update(train_ssl(model, splits, cfg, run_dir, device, stop, state=ssl_state, plan=plan))
     if results.get("stopped"):
         results["exit_code"] = stop.exit_code
         print(f"stopped by {signal.Signals(stop.signum).name}: checkpoint in {run_dir.path}; continue with\n"
