@@ -97,6 +97,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_rank_device(flag: torch.Tensor) -> torch.Tensor:
+    """any_rank for a 0-dim bool tensor on the device, without a host synchronisation."""
+    if world() == 1:
+        return flag
+    t = flag.to(torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.bool()
+
+
 def broadcast_object(obj):
     """Rank 0's value of a picklable object on every rank (e.g. the run folder's name)."""
     if world() == 1:

@@ -16,7 +16,7 @@ from fastsynth.checkpoint import FORMAT, RunDir, load_into, rng_state, rotate_an
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
 from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
-from fastsynth.guard import BadSteps, StopRequest, finite_step
+from fastsynth.guard import BadSteps, StopRequest, finite_flag, finite_step
 from fastsynth.data.transforms import SSLViews, plain
 from fastsynth.figures import save_triplets
 from fastsynth.model import SynthSSL
@@ -196,6 +196,15 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     elif run.active:
         _set_aside_previous_run(run)
 
+    # Fused optimizers (CUDA) skip a non-finite step on the device; the count of skipped steps is
+    # read back every --log-every steps. Otherwise every step is checked on the host.
+    deferred = plan.fused and scaler is None
+
+    def finite(loss):
+        if deferred:
+            return ~dist.any_rank_device(~finite_flag(loss, params))
+        return bad.check(_finite_everywhere(loss, params), "SSL", step)
+
     def checkpoint(epoch: int, batch: int) -> None:
         save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total)
 
@@ -205,24 +214,31 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             break
         first = skip if epoch == start_epoch else 0
         loader = _ssl_loader(plan, dataset, splits, cfg, local_bs, epoch, first, device)
-        sums, count, last, ctx = {}, 0, None, {}  # last: (x, x_hat, x_tilde) of the newest batch
+        # Sums and counts stay on the device; they are read every --log-every steps.
+        sums, count, last, ctx = {}, torch.zeros((), device=device), None, {}  # last: (x, x_hat, x_tilde)
+        bad_window, window = torch.zeros((), device=device), 0
         bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
         for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
             x1, x2, x = (t.to(device, non_blocking=True, memory_format=fmt) for t in (x1, x2, x))
             _cosine(opt, base_lr, step, total_steps)
             seed = noise_seed(cfg.seed, step, rank, world)
-            good, loss, parts, ctx, out = ssl_step(
-                step_model, model, opt, dec_opt, scaler, autocast, (x1, x2, x), seed,
-                lambda loss: bad.check(_finite_everywhere(loss, params), "SSL", step))
-            if good:
-                for k, v in {"loss": loss, **parts}.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-                count += 1
+            good, loss, parts, ctx, out = ssl_step(step_model, model, opt, dec_opt, scaler, autocast, (x1, x2, x),
+                                                   seed, finite)
+            w = good.float() if isinstance(good, torch.Tensor) else float(good)
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0) + torch.nan_to_num(v.detach().float()) * w
+            count += w
+            bad_window += 1 - w
+            window += 1
             step += 1
+            if deferred and (step % cfg.log_every == 0 or i + 1 == steps_per_epoch or step >= total_steps):
+                bad.check_window(int(bad_window), window, "SSL", step)
+                bad_window.zero_()
+                window = 0
             if out is not None and out["x_tilde"] is not None:  # what the figure needs, no graph
                 last = (x, out["x_hat"], out["x_tilde"])
-            if count and step % cfg.log_every == 0 and hasattr(bar, "set_postfix"):
-                bar.set_postfix({k: f"{(v / count).item():.3f}" for k, v in sums.items()})
+            if step % cfg.log_every == 0 and hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: f"{(v / count.clamp_min(1)).item():.3f}" for k, v in sums.items()})
             # Checkpoints at the end of a step, before the loader draws the next batch's
             # augmentations: the saved RNG state is the one the next step starts from.
             if dist.any_rank(stop.requested):
@@ -232,7 +248,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 checkpoint(epoch, i + 1)
             if step >= total_steps:
                 break
-        epoch_means = {k: (v / max(count, 1)).item() for k, v in sums.items()}
+        epoch_means = {k: (v / count.clamp_min(1)).item() for k, v in sums.items()}
         run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
                  "bad_steps": bad.total, **epoch_means})
         _collapse_check(cfg.method, ctx, run, epoch)
@@ -266,8 +282,9 @@ def noise_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
 
 def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch, seed: int, finite):
     """One step of Eq. 8 (or Eq. 1 alone): forward, backward, the optimizers, then the method's
-    state updates (the queue). `finite(loss)` says whether the step's gradients may be applied;
-    a skipped step must not move the key encoder's queue either. `step_model` is `model` or its
+    state updates (the queue). `finite(loss)` says whether the step's gradients may be applied,
+    as a bool or, with fused optimizers, as a device flag (no host sync); a skipped step must not
+    move the queue either. `step_model` is `model` or its
     DDP wrapper. Returns (applied, loss, parts, ctx, synth outputs)."""
     x1, x2, x = batch
     with autocast():
@@ -285,11 +302,22 @@ def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch,
     else:
         loss.backward()
         good = finite(loss)
-        if good:
+        if isinstance(good, torch.Tensor):
+            # Deferred: fused optimizers read found_inf on the device and skip the update there,
+            # so a step costs no host synchronisation (GradScaler drives them the same way).
+            skip = (~good).float()
+            for o in (opt, dec_opt):
+                if o is not None:
+                    o.found_inf = skip
+                    o.step()
+                    del o.found_inf
+        elif good:
             opt.step()
             if dec_opt:
                 dec_opt.step()
-    if good:
+    if isinstance(good, torch.Tensor):
+        model.method.after_step(ctx, good)
+    elif good:
         model.method.after_step(ctx)
     return good, loss, parts, ctx, out
 

@@ -67,12 +67,31 @@ class BadSteps:
                                 "the run diverged; the last good checkpoint is in the run folder (try a lower --lr)")
         return False
 
+    def check_window(self, n_bad: int, n: int, stage: str, step: int) -> None:
+        """The deferred form (fused optimizers skip bad steps on the device): n_bad of the last
+        n steps were skipped. A window of only bad steps extends the run of bad steps."""
+        if n_bad == 0:
+            self.in_a_row = 0
+            return
+        self.total += n_bad
+        self.in_a_row = self.in_a_row + n_bad if n_bad == n else n_bad
+        print(f"warning: {stage} steps up to {step}: {n_bad} of the last {n} had a non-finite loss or gradient "
+              f"and were skipped ({self.total} skipped so far)", flush=True)
+        if self.in_a_row > self.limit:
+            raise TrainingError(f"{self.in_a_row} non-finite {stage} steps in a row (--max-bad-steps {self.limit}): "
+                                "the run diverged; the last good checkpoint is in the run folder (try a lower --lr)")
 
-def finite_step(loss: torch.Tensor, params) -> bool:
-    """Loss and every gradient finite: one host synchronisation per step (the sum of the
-    per-tensor norms is non-finite as soon as one element is)."""
+
+def finite_flag(loss: torch.Tensor, params) -> torch.Tensor:
+    """Loss and every gradient finite, as a 0-dim bool tensor on the device (no host sync; the
+    sum of the per-tensor norms is non-finite as soon as one element is)."""
     grads = [p.grad for p in params if p.grad is not None]
     ok = torch.isfinite(loss.detach().float())
     if grads:
         ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())
-    return bool(ok)
+    return ok
+
+
+def finite_step(loss: torch.Tensor, params) -> bool:
+    """finite_flag read back: one host synchronisation per step."""
+    return bool(finite_flag(loss, params))

@@ -177,3 +177,44 @@ def test_train_command_with_dali_and_channels_last(tmp_path):
     assert rc == 0
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 2 * (24 // 8) and ckpt["config"]["loader"] == "dali"
+
+
+def test_deferred_finite_check_skips_on_device():
+    """Fused optimizers (CUDA; CPU too in this torch) skip a non-finite step from a device flag,
+    with no host synchronisation: weights, optimizer state, queue and its pointer stay put, and
+    a finite step equals the host-checked step."""
+    from fastsynth.guard import finite_flag
+    cfg = _cfg(impl="fast", loader="torch", nu=0.0)
+    fused = fast.Plan("fast", "torch", False, False, True)
+    runs = {}
+    for name, plan in (("host", fast.Plan("fast", "torch", False, False, False)), ("device", fused)):
+        torch.manual_seed(0)
+        model = SynthSSL(cfg)
+        opt, dec_opt = fast.optimizers(model, cfg, plan)
+        assert opt.param_groups[0]["fused"] is (True if plan.fused else None)
+        autocast, scaler = precision(cfg, CPU)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+
+        def finite(loss):
+            return finite_flag(loss, params) if plan.fused else bool(finite_flag(loss, params))
+        good, *_ = ssl_step(model, model, opt, dec_opt, None, autocast, _batch(), 7, finite)
+        assert bool(good)
+        runs[name] = {n: t.clone() for n, t in model.state_dict().items()}
+        if plan.fused:
+            before = runs[name]
+            state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+            x1, x2, x = _batch()
+            x1[0, 0, 0, 0] = float("nan")
+            good, *_ = ssl_step(model, model, opt, dec_opt, None, autocast, (x1, x2, x), 8, finite)
+            assert isinstance(good, torch.Tensor) and not bool(good)
+            after = model.state_dict()
+            for n in before:
+                if "running" in n or "num_batches" in n or n.startswith("method.key_") or n.startswith("synth.bank"):
+                    continue  # forward-time state: BatchNorm statistics, momentum copy, bank rows
+                assert torch.equal(after[n], before[n]), n
+            for p, s in opt.state.items():
+                for k, v in s.items():
+                    assert torch.equal(v, state[id(p)][k]), k
+    for n in runs["host"]:
+        torch.testing.assert_close(runs["device"][n], runs["host"][n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")

@@ -74,19 +74,25 @@ class MoCoV2(nn.Module):
                               dist.row_offset(a.shape[0]))
 
     @torch.no_grad()
-    def after_step(self, ctx: dict) -> None:
-        self.enqueue(dist.gather(ctx["k"]))  # every rank enqueues the global batch's keys
+    def after_step(self, ctx: dict, ok: torch.Tensor | None = None) -> None:
+        """ok: a device flag of a step the optimizer may have skipped (no host sync)."""
+        self.enqueue(dist.gather(ctx["k"]), ok)  # every rank enqueues the global batch's keys
 
     @torch.no_grad()
-    def enqueue(self, k: torch.Tensor) -> None:
-        """FIFO: the newest keys overwrite the oldest, wrapping around the end of the queue."""
+    def enqueue(self, k: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """FIFO: the newest keys overwrite the oldest, wrapping around the end of the queue.
+        With `ok` False (a skipped step) the queue and its pointer stay as they are."""
         n, size = k.shape[0], self.queue.shape[0]
         if n > size:  # only the newest `size` keys survive anyway
             k, n = k[-size:], size
         # The pointer stays on the device: no host synchronisation in the training step.
         rows = (torch.arange(n, device=k.device) + self.queue_ptr) % size
-        self.queue.index_copy_(0, rows, k.to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+        k = k.to(self.queue.dtype)
+        if ok is not None:
+            k = torch.where(ok, k, self.queue.index_select(0, rows))
+        self.queue.index_copy_(0, rows, k)
+        step = n if ok is None else ok.long() * n
+        self.queue_ptr.copy_((self.queue_ptr + step) % size)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": list(self.encoder.parameters()) + list(self.head.parameters()),

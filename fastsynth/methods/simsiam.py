@@ -42,7 +42,7 @@ class SimSiam(nn.Module):
         """Eq. 7, SimSiam variant: the symmetric SimSiam loss on (x_hat, x_tilde)."""
         return self._pair(x_hat, x_tilde)[0]
 
-    def after_step(self, ctx: dict) -> None:
+    def after_step(self, ctx: dict, ok: torch.Tensor | None = None) -> None:
         pass
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
