@@ -7,6 +7,9 @@
 #   OUT=/some/dir bash bench/gpu_check.sh      # files go flat into $OUT (default ./gpu_out)
 #
 # Writes at most: env.json install.log tests.log tests.xml bench.json bench.log pytest_bench.json
+#   and, with PROFILE=1, profile_<impl>_<data>.json/.log (the full training step, issue 4)
+#
+#   PROFILE=1 SKIP_KERNELS=1 bash bench/gpu_check.sh   # the full-step comparison only
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-./gpu_out}"
@@ -20,6 +23,10 @@ export PYTHONUNBUFFERED=1
 GPU_TESTS="${GPU_TESTS:-tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py tests/test_methods.py::test_step_with_triton_kernels_matches_reference}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 SKIP_PBENCH="${SKIP_PBENCH:-0}"
+SKIP_KERNELS="${SKIP_KERNELS:-0}"   # 1: skip steps b-d (kernel tests and timings)
+PROFILE="${PROFILE:-0}"             # 1: step e, the full step of both paths (ResNet-50, 224 px, batch 128)
+PROFILE_STEPS="${PROFILE_STEPS:-20}"
+T_PROFILE=150
 step() { echo; echo "== $* ($(date +%T))"; }
 
 step "a. environment -> $OUT/env.json"
@@ -86,7 +93,10 @@ cd "$WORK" || exit 1
 
 step "b. GPU tests -> $OUT/tests.log, $OUT/tests.xml"
 tests_rc=skipped
-if "$PY" -c "import pytest" 2>/dev/null; then
+bench_rc=skipped
+if [ "$SKIP_KERNELS" = 1 ]; then
+    echo "SKIP_KERNELS=1: steps b-d skipped"
+elif "$PY" -c "import pytest" 2>/dev/null; then
     # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
     timeout -k 10 "$T_TESTS" "$PY" -m pytest $GPU_TESTS -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
     tests_rc=$?
@@ -96,20 +106,45 @@ else
 fi
 
 step "c. timings -> $OUT/bench.json, $OUT/bench.log"
-# shellcheck disable=SC2086
-timeout -k 10 "$T_BENCH" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
+if [ "$SKIP_KERNELS" != 1 ]; then
+    # shellcheck disable=SC2086
+    timeout -k 10 "$T_BENCH" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
+    bench_rc=${PIPESTATUS[0]}
+fi
 
 step "d. pytest-benchmark suites, short -> $OUT/pytest_bench.json"
 pbench_rc=skipped
-if [ "$SKIP_PBENCH" != 1 ] && "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+if [ "$SKIP_PBENCH" != 1 ] && [ "$SKIP_KERNELS" != 1 ] && "$PY" -c "import pytest_benchmark" 2>/dev/null; then
     timeout -k 10 "$T_PBENCH" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
         --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -n 25
     pbench_rc=${PIPESTATUS[0]}
 fi
 
+step "e. full training step, fast vs reference -> $OUT/profile_*.json"
+profile_rc=skipped
+if [ "$PROFILE" = 1 ]; then
+    profile_rc=0
+    # The paper's step: ResNet-50 at 224, batch 128, MoCo v2 + synthesized pairs. The reference is
+    # eager float32 without Triton; the fast path adds bf16 autocast, compile, channels-last and
+    # the kernels. synthetic-gpu: in-device batches (no DALI on this machine); loader: the
+    # torchvision loader over the embedded set.
+    for run in "fast synthetic-gpu --amp" "reference synthetic-gpu" "fast loader --amp --loader torch" \
+               "reference loader --loader torch"; do
+        set -- $run
+        impl=$1 data=$2; shift 2
+        timeout -k 10 "$T_PROFILE" "$PY" -m fastsynth.profile --preset paper --impl "$impl" --data "$data" \
+            --steps "$PROFILE_STEPS" --warmup-steps 5 --workers 8 --json "$OUT/profile_${impl}_${data}.json" "$@" \
+            >"$OUT/profile_${impl}_${data}.log" 2>&1 || profile_rc=$?
+        tail -n 18 "$OUT/profile_${impl}_${data}.log"
+    done
+fi
+
 step "summary"
-echo "tests rc=$tests_rc (124 = timeout), bench rc=$bench_rc (124 = timeout, 1 = a case errored), pytest-bench rc=$pbench_rc"
+echo "tests rc=$tests_rc (124 = timeout), bench rc=$bench_rc (124 = timeout, 1 = a case errored), pytest-bench rc=$pbench_rc, profile rc=$profile_rc"
 ls -l "$OUT"
-sed -n '/^floors:/,$p' "$OUT/bench.log"  # the timing table, last
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ -f "$OUT/bench.log" ] && sed -n '/^floors:/,$p' "$OUT/bench.log"  # the timing table, last
+for f in "$OUT"/profile_*.json; do
+    [ -f "$f" ] && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: d.get(k) for k in ('images_per_s', 'tflops_per_s', 'mfu', 'peak_memory_bytes')})" "$f"
+done
+ok() { [ "$1" = 0 ] || [ "$1" = skipped ]; }
+ok "$tests_rc" && ok "$bench_rc" && ok "$profile_rc"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +218,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         # Sums and counts stay on the device; they are read every --log-every steps.
         sums, count, last, ctx = {}, torch.zeros((), device=device), None, {}  # last: (x, x_hat, x_tilde)
         bad_window, window = torch.zeros((), device=device), 0
+        t_epoch = t_log = time.perf_counter()
+        images = images_log = 0
         bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
         for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
             x1, x2, x = (t.to(device, non_blocking=True, memory_format=fmt) for t in (x1, x2, x))
@@ -228,6 +231,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0) + torch.nan_to_num(v.detach().float()) * w
             count += w
+            images += x1.shape[0]
             bad_window += 1 - w
             window += 1
             step += 1
@@ -238,7 +242,11 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             if out is not None and out["x_tilde"] is not None:  # what the figure needs, no graph
                 last = (x, out["x_hat"], out["x_tilde"])
             if step % cfg.log_every == 0 and hasattr(bar, "set_postfix"):
-                bar.set_postfix({k: f"{(v / count.clamp_min(1)).item():.3f}" for k, v in sums.items()})
+                shown = {k: f"{(v / count.clamp_min(1)).item():.3f}" for k, v in sums.items()}  # syncs
+                now = time.perf_counter()
+                shown["img/s"] = f"{(images - images_log) / max(now - t_log, 1e-9):.1f}"  # per process
+                bar.set_postfix(shown)
+                t_log, images_log = now, images
             # Checkpoints at the end of a step, before the loader draws the next batch's
             # augmentations: the saved RNG state is the one the next step starts from.
             if dist.any_rank(stop.requested):
@@ -249,8 +257,11 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             if step >= total_steps:
                 break
         epoch_means = {k: (v / count.clamp_min(1)).item() for k, v in sums.items()}
+        speed = {"images_per_s": round(images / max(time.perf_counter() - t_epoch, 1e-9), 2)}  # per process
+        if device.type == "cuda":
+            speed["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
-                 "bad_steps": bad.total, **epoch_means})
+                 "bad_steps": bad.total, **epoch_means, **speed})
         _collapse_check(cfg.method, ctx, run, epoch)
         checkpoint(epoch + 1, 0)
         if last is not None and run.active:

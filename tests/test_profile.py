@@ -1,0 +1,84 @@
+"""`python -m fastsynth.profile` on the CPU with a tiny model: the figures exist and add up, the
+trace is written, and bad input is a one-line error with exit code 2."""
+import glob
+import json
+import os
+
+import pytest
+
+from fastsynth import profile
+from fastsynth.data.synthetic import synthetic
+
+TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--queue-size", "16", "--bank-size", "8",
+        "--decoder-width", "16", "--steps", "2", "--warmup-steps", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The reference path through the torchvision loader on a tiny folder set, and the fast path
+    (eager: compiling takes minutes on a CPU) on in-device random batches with a trace."""
+    tmp = tmp_path_factory.mktemp("profile")
+    splits = synthetic(root=str(tmp / "data"), num_classes=4, train_per_class=6, test_per_class=3, size=48)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    argv = {"reference": ["--impl", "reference", "--dataset", "folder", "--data-root", root, "--data", "loader"],
+            "fast": ["--impl", "fast", "--no-compile", "--trace", str(tmp / "trace")]}
+    out = {}
+    for impl, extra in argv.items():
+        path = str(tmp / f"{impl}.json")
+        assert profile.main(TINY + extra + ["--json", path]) == 0
+        with open(path) as fh:
+            out[impl] = json.load(fh)
+    out["trace_dir"] = str(tmp / "trace")
+    return out
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_figures_exist_and_add_up(runs, impl):
+    r = runs[impl]
+    assert r["impl"] == impl and r["plan"]["impl"] == impl and r["config"]["batch_size"] == 4
+    assert r["data"] == ("loader" if impl == "reference" else "synthetic-gpu")
+    assert r["steps"] == 2 and r["images_per_s"] > 0 and r["wall_s"] > 0
+    step = r["step_ms"]
+    assert 0 < step["min"] <= step["median"] <= step["max"] and step["min"] <= step["mean"] <= step["max"]
+    # The stage rows partition each step's marks, so they add up to the step time (float sums only).
+    assert set(r["stages_ms"]) == set(profile.STAGES) and all(v >= 0 for v in r["stages_ms"].values())
+    assert sum(r["stages_ms"].values()) == pytest.approx(step["mean"], rel=1e-6)
+    for busy in ("query encoder+head fwd", "key encoder fwd + EMA", "decoder fwd", "Grad-CAM scores", "backward",
+                 "optimizer + queue"):
+        assert r["stages_ms"][busy] > 0, busy
+    # The timed loop is the steps back to back: wall clock and the steps' sum agree.
+    assert r["wall_s"] * 1e3 == pytest.approx(2 * step["mean"], rel=0.1)
+    assert r["images_per_s"] == pytest.approx(4 / (step["mean"] / 1e3), rel=0.1)
+    assert r["flops_per_step"] > 1e8 and r["tflops_per_s"] > 0
+    assert r["mfu"] is None and r["bf16_peak_tflops"] is None  # no bf16 peak for a CPU
+    assert r["peak_memory_bytes"] > 0 and r["versions"]["torch"] and r["device_name"].startswith("cpu")
+
+
+def test_flops_are_the_methods_not_the_impls(runs):
+    assert runs["fast"]["flops_per_step"] == runs["reference"]["flops_per_step"]
+
+
+def test_trace_written(runs):
+    (trace,) = glob.glob(os.path.join(runs["trace_dir"], "*.pt.trace.json"))
+    with open(trace) as fh:
+        names = {e.get("name") for e in json.load(fh)["traceEvents"]}
+    # The wrapped calls are record_function ranges named as their rows (phases are not ranges).
+    assert {"query encoder+head fwd", "key encoder fwd + EMA", "decoder fwd", "Grad-CAM scores",
+            "bank + dual noise"} <= names
+    assert any(str(n).startswith("ProfilerStep") for n in names)
+
+
+def test_bf16_peak_table():
+    assert profile.bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert profile.bf16_peak("NVIDIA H100 PCIe") == 756e12
+    assert profile.bf16_peak("NVIDIA H200") == 989e12
+    assert profile.bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert profile.bf16_peak("Some GPU") is None
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup-steps", "-1"], ["--data", "nope"],
+                                  ["--no-such-flag"], ["--steps", "two"], ["--preset", "huge"]])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv):
+    assert profile.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
