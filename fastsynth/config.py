@@ -66,7 +66,7 @@ HELP = {
             "bank statistics) on a GPU, DALI loading where it imports, channels-last, torch.compile, fused "
             "optimizers; auto: fast on a GPU, reference on a CPU",
     "loader": "dali | torch | auto (auto: DALI with --impl fast where it imports, else torchvision)",
-    "compile": "torch.compile the networks (default: on with --impl fast)",
+    "compile": "torch.compile the networks (default: on with --impl fast on a GPU)",
     "compile_mode": "torch.compile mode (reduce-overhead uses CUDA graphs)",
     "channels_last": "channels-last tensors for the convolutions (default: on with --impl fast)",
     "optimizer": "sgd: PyTorch SGD (fused on CUDA); apex-sgd / apex-lars: NVIDIA apex's FusedSGD / LARC "

@@ -44,8 +44,12 @@ def resolve(cfg: Config, device: torch.device) -> Plan:
                 require_dali()
             except DaliUnavailableError as e:
                 raise ConfigError(str(e)) from None
-    on = {True: True, False: False, None: fast}
-    return Plan(impl=impl, loader=loader, channels_last=on[cfg.channels_last], compile=on[cfg.compile],
+    # Compile defaults on for the fast path on a GPU only: on a CPU inductor's code was no faster
+    # than eager for this step (bench/results/2026-11-26-cpu-step) and compiling takes minutes.
+    compile_default = fast and device.type == "cuda"
+    channels_last = fast if cfg.channels_last is None else cfg.channels_last
+    compiled = compile_default if cfg.compile is None else cfg.compile
+    return Plan(impl=impl, loader=loader, channels_last=channels_last, compile=compiled,
                 fused=device.type == "cuda" and cfg.optimizer == "sgd")
 
 

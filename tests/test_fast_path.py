@@ -25,7 +25,9 @@ def test_plan_follows_impl_and_flags(monkeypatch):
     ref = fast.resolve(_cfg(), CPU)  # --impl auto on a CPU: the reference path
     assert (ref.impl, ref.loader, ref.channels_last, ref.compile, ref.fused) == ("reference", "torch", False, False, False)
     f = fast.resolve(_cfg(impl="fast"), CPU)
-    assert (f.impl, f.channels_last, f.compile, f.fused) == ("fast", True, True, False)  # fused needs CUDA
+    # On a CPU compile stays off unless asked for (no faster there, minutes to compile); fused needs CUDA.
+    assert (f.impl, f.channels_last, f.compile, f.fused) == ("fast", True, False, False)
+    assert fast.resolve(_cfg(impl="fast", compile=True), CPU).compile
     f = fast.resolve(_cfg(impl="fast", compile=False, channels_last=False, loader="torch"), CPU)
     assert (f.compile, f.channels_last, f.loader) == (False, False, "torch")
     assert fast.resolve(_cfg(impl="reference", compile=True), CPU).compile  # a flag beats the impl
@@ -127,7 +129,7 @@ def test_prepare_compiles_every_network_in_place():
     cfg = _cfg(impl="fast", loader="torch")
     model = SynthSSL(cfg)
     keys = set(model.state_dict())
-    fast.prepare(model, fast.resolve(cfg, CPU))
+    fast.prepare(model, fast.resolve(_cfg(impl="fast", loader="torch", compile=True), CPU))
     nets = fast.networks(model)
     assert len(nets) == 5 and all(n._compiled_call_impl is not None for n in nets)
     assert set(model.state_dict()) == keys
