@@ -36,16 +36,19 @@ def file_digest(path: str) -> str:
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, device: torch.device,
-                     desc: str = "features", cache: tuple[str, str] | None = None):
+                     desc: str = "features", cache: tuple[str, str] | None = None, loader: str = "torch"):
     """Encoder features (N x d, float32, CPU) and labels (N,) with the evaluation view.
 
     cache = (folder, checkpoint digest): features are saved there keyed by the checkpoint, the
-    transform (image size) and the file list, and loaded instead of recomputed next time.
+    transform (image size, and the loader: DALI's resize differs from PIL's by a fraction of a
+    grey level) and the file list, and loaded instead of recomputed next time.
+    loader = "dali": the DALI evaluation pipeline (GPU decoding on a GPU), same images in order.
     """
     path = None
     if cache is not None:
         import hashlib
-        key = hashlib.sha1("\n".join([cache[1], f"evaluation-{cfg.image_size}", *images.paths]).encode()).hexdigest()
+        view = f"evaluation-{cfg.image_size}" + ("-dali" if loader == "dali" else "")
+        key = hashlib.sha1("\n".join([cache[1], view, *images.paths]).encode()).hexdigest()
         path = os.path.join(cache[0], f"features-{key[:20]}.pt")
         if os.path.isfile(path):
             try:
@@ -54,12 +57,19 @@ def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, d
                 return saved["features"], saved["labels"]
             except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
                 pass
-    loader = make_loader(images, evaluation(cfg.image_size), cfg.batch_size, shuffle=False, drop_last=False,
-                         workers=cfg.workers, seed=cfg.seed)
+    if loader == "dali":
+        from fastsynth.data.dali import make_dali_eval_loader
+        batches = make_dali_eval_loader(images, cfg.image_size, cfg.batch_size,
+                                        device="gpu" if device.type == "cuda" else "cpu",
+                                        device_id=device.index if device.type == "cuda" else None,
+                                        workers=max(cfg.workers, 1))
+    else:
+        batches = make_loader(images, evaluation(cfg.image_size), cfg.batch_size, shuffle=False, drop_last=False,
+                              workers=cfg.workers, seed=cfg.seed)
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    for x, y, _ in tqdm(loader, desc=desc, leave=False):
+    for x, y, _ in tqdm(batches, desc=desc, leave=False):
         feats.append(encoder(x.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
@@ -72,10 +82,10 @@ def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, d
 
 
 def evaluate_encoder(encoder: torch.nn.Module, splits: Splits, cfg: Config, device: torch.device,
-                     tag: str = "", cache: tuple[str, str] | None = None) -> dict:
+                     tag: str = "", cache: tuple[str, str] | None = None, loader: str = "torch") -> dict:
     """{'linear_top1@100', ..., 'rank1', 'rank5', 'mAP', 'knn_top1'} as fractions in [0, 1]."""
-    tr_f, tr_y = extract_features(encoder, splits.train, cfg, device, f"{tag}train features", cache)
-    te_f, te_y = extract_features(encoder, splits.test, cfg, device, f"{tag}test features", cache)
+    tr_f, tr_y = extract_features(encoder, splits.train, cfg, device, f"{tag}train features", cache, loader)
+    te_f, te_y = extract_features(encoder, splits.test, cfg, device, f"{tag}test features", cache, loader)
     out = {}
     for frac in cfg.fractions():
         idx = metrics.stratified_subset(tr_y, frac, seed=cfg.seed)

@@ -190,13 +190,13 @@ def run(cfg) -> dict:
     if not dist.is_main():
         return results  # evaluation, the table and final_metrics.json: rank 0 only
     if cfg.stage in ("all", "eval"):
-        table = {"trained": evaluate_encoder(model.encoder, splits, cfg, device, "trained: ")}
+        table = {"trained": evaluate_encoder(model.encoder, splits, cfg, device, "trained: ", loader=plan.loader)}
         # The encoder before SSL (same seed): what training must beat. With --weights that is
         # the loaded initialisation, so the row is named for what it is.
         seed_everything(cfg.seed)
         fresh = SynthSSL(cfg).encoder.to(device)
         name = "init_weights" if cfg.weights else "random_init"
-        table[name] = evaluate_encoder(fresh, splits, cfg, device, f"{name}: ")
+        table[name] = evaluate_encoder(fresh, splits, cfg, device, f"{name}: ", loader=plan.loader)
         results["metrics"] = table
         print(format_table(table))
     results["seconds"] = round(time.time() - t0, 1)
