@@ -31,9 +31,9 @@ setup(
     extras_require={
         # DALI is in the test extra so that tests/test_dali.py runs its CPU-only pipeline in CI.
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy", "tensorboard",
-                 "nvidia-dali-cuda130; platform_system == 'Linux'"],
+                 "nvidia-dali-cuda130>=2.0; platform_system == 'Linux'"],
         "tensorboard": ["tensorboard"],
-        "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],
+        "dali": ["nvidia-dali-cuda130>=2.0; platform_system == 'Linux'"],
         # apex is not on the package index: install it from source yourself; it is used only
         # when importable and never required.
     },

@@ -238,12 +238,14 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
         xf = x.float()
         mean, var = mean.float(), var.float()
-        if self.track_running_stats and self.momentum is not None:
+        if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
+                # momentum None: a cumulative average, as nn.BatchNorm does
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 unbiased = var.detach() * (n / (n - 1).clamp_min(1))
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
@@ -276,9 +278,10 @@ def ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel that does not re-broadcast buffers before every forward.
 
     The queue and the bank stay identical on every rank by construction (each adds the same
-    gathered rows); re-sending them each step would cost their full size in traffic. Buffers
-    are still synchronised once, at construction. torch >= 2.14 names the switch
-    forward_sync_buffers; older versions broadcast_buffers.
+    gathered rows); re-sending them each step would cost their full size in traffic. torch >= 2.14
+    names the switch forward_sync_buffers and still synchronises buffers once at construction;
+    older versions (broadcast_buffers=False) skip that too, which is harmless here: every rank
+    builds the model from the same seed and resumes from the same checkpoint.
     """
     import inspect
 

@@ -82,6 +82,8 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
     world, rank = dist.world(), dist.rank()
     n, bs = feats.shape[0], min(cfg.batch_size, feats.shape[0])
     bs -= bs % world
+    if bs == 0:
+        raise ValueError(f"{n} training images cannot be split over {world} processes")
     local_bs = bs // world
     step_decoder = dist.ddp(decoder, device) if world > 1 else decoder
     steps_per_epoch = max(1, n // bs)
@@ -308,8 +310,8 @@ def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch,
         scaler.step(opt)
         if dec_opt:
             scaler.step(dec_opt)
+        good = _scaler_applied(scaler, opt)
         scaler.update()
-        good = True
     else:
         loss.backward()
         good = finite(loss)
@@ -331,6 +333,17 @@ def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch,
     elif good:
         model.method.after_step(ctx)
     return good, loss, parts, ctx, out
+
+
+def _scaler_applied(scaler, opt) -> torch.Tensor | bool:
+    """Whether the GradScaler applied this step, as a device flag (no host sync), so a skipped
+    float16 step leaves the queue alone too. Read from the scaler's per-optimizer record (not a
+    public API): where it is missing the step counts as applied, as before."""
+    try:
+        found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+        return torch.stack([v.reshape(()) for v in found.values()]).sum() == 0
+    except (AttributeError, KeyError, RuntimeError):
+        return True
 
 
 def _finite_everywhere(loss: torch.Tensor, params) -> bool:

@@ -70,6 +70,11 @@ def prepare(model: nn.Module, plan: Plan, compile_mode: str = "default") -> nn.M
     if plan.compile:
         mode = None if compile_mode == "default" else compile_mode
         for net in networks(model):
+            if any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()):
+                # Dynamo breaks the graph at every SyncBatchNorm (pytorch#161302): a ResNet-50
+                # would become ~55 graphs per call for no gain, so --bn sync networks stay eager.
+                print(f"note: {type(net).__name__} has SyncBatchNorm layers (--bn sync): not compiled")
+                continue
             net.compile(mode=mode)
     return model
 
@@ -93,6 +98,14 @@ def optimizers(model: nn.Module, cfg: Config, plan: Plan):
     if cfg.optimizer == "sgd":
         kw = {"fused": True} if plan.fused else {}
         opt = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, **kw)
+        if plan.fused and cfg.momentum:
+            # Fused SGD creates its momentum buffers with empty_like on the first step and fills
+            # them in the kernel; a first step skipped through found_inf (a non-finite step, or
+            # GradScaler's first overflow) would leave them uninitialised. Zeros are what the
+            # first real step would start from.
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     else:
         opt = _apex_optimizer(cfg.optimizer, groups, base_lr, cfg.momentum)
     dec_opt = None

@@ -63,7 +63,8 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float, a_all: torch.Tensor | 
     n, big_n = a.shape[0], a_all.shape[0]
     anchors = torch.cat([a, b], dim=0).float()                       # 2B x C
     candidates = torch.cat([a_all, b_all], dim=0).float()            # 2N x C
-    sim = anchors @ candidates.t() / tau                             # 2B x 2N
+    with torch.autocast(a.device.type, enabled=False):  # logits / tau in float32 even under --amp
+        sim = anchors @ candidates.t() / tau                         # 2B x 2N
     rows = torch.arange(n, device=a.device) + offset
     own = torch.cat([rows, rows + big_n])                            # each anchor's own column
     target = torch.cat([rows + big_n, rows])                         # its positive's column

@@ -238,6 +238,8 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
         device = resolve_device(cfg.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the stage marks record on the current device's stream
     batches = _batches(cfg, fast.resolve(cfg, device), device, data)
     model, plan, opt, dec_opt, autocast, scaler = build(cfg, device)
     clock = StageClock(device)

@@ -222,6 +222,38 @@ def test_deferred_finite_check_skips_on_device():
         torch.testing.assert_close(runs["device"][n], runs["host"][n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
+def test_skipped_first_fused_step_leaves_clean_momentum():
+    """Fused SGD allocates its momentum buffers uninitialised and fills them on the first step;
+    a first step skipped on the device must not leave them so: a skipped step followed by a good
+    one equals the good step alone."""
+    from fastsynth.guard import finite_flag
+    cfg = _cfg(impl="fast", loader="torch", nu=0.0)
+    fused = fast.Plan("fast", "torch", False, False, True)
+    out = []
+    for skip_first in (False, True):
+        torch.manual_seed(0)
+        model = SynthSSL(cfg)
+        opt, dec_opt = fast.optimizers(model, cfg, fused)
+        autocast, _ = precision(cfg, CPU)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        if skip_first:
+            x1, x2, x = _batch()
+            x1[0, 0, 0, 0] = float("nan")
+            with torch.no_grad():
+                state = {k: v.clone() for k, v in model.state_dict().items()}
+            good, *_ = ssl_step(model, model, opt, dec_opt, None, autocast, (x1, x2, x), 7,
+                                lambda loss: finite_flag(loss, params))
+            assert not bool(good)
+            model.load_state_dict(state)  # undo the forward-time state (BN statistics, key encoder, bank)
+        good, *_ = ssl_step(model, model, opt, dec_opt, None, autocast, _batch(), 7,
+                            lambda loss: finite_flag(loss, params))
+        assert bool(good)
+        out.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n in out[0]:
+        torch.testing.assert_close(out[1][n], out[0][n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
 def test_evaluation_features_through_dali_match_torchvision(tmp_path):
     """The evaluation view through DALI (resize + centre crop, same files in order) gives the
     encoder nearly the same input as torchvision: features agree to a few per cent and every
@@ -239,3 +271,21 @@ def test_evaluation_features_through_dali_match_torchvision(tmp_path):
     assert torch.equal(y_dali, y_torch) and f_dali.shape == f_torch.shape == (12, 512)
     rel = (f_dali - f_torch).norm(dim=1) / f_torch.norm(dim=1)
     assert rel.max() < 0.05, rel
+
+
+def test_float16_steps_the_scaler_skips_leave_the_queue_alone():
+    """GradScaler (float16) skips the first steps while its scale is too large; those steps
+    must not enqueue keys either (the flag is read on the device, no host sync)."""
+    cfg = _cfg(amp=True, amp_dtype="float16", loader="torch")
+    torch.manual_seed(0)
+    model = SynthSSL(cfg)
+    plan = fast.resolve(cfg, CPU)
+    opt, dec_opt = fast.optimizers(model, cfg, plan)
+    autocast, scaler = precision(cfg, CPU)
+    assert scaler is not None
+    applied = []
+    for step in range(10):
+        good, *_ = ssl_step(model, model, opt, dec_opt, scaler, autocast, _batch(), step, lambda loss: True)
+        applied.append(bool(good))
+    assert not all(applied) and any(applied), applied  # the starting scale 65536 overflows first
+    assert int(model.method.queue_ptr) == sum(applied) * 4 % 16
