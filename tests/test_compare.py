@@ -6,7 +6,7 @@ import re
 import pytest
 
 from fastsynth import compare
-from fastsynth.data.synthetic import synthetic
+from tinydata import tiny_folder
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--max-steps", "2",
         "--warmup-epochs", "1", "--probe-epochs", "2", "--queue-size", "32", "--bank-size", "16",
@@ -16,8 +16,7 @@ TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epoc
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     base = tmp_path_factory.mktemp("cmp")
-    splits = synthetic(root=str(base), num_classes=4, train_per_class=6, test_per_class=3, size=40)
-    return os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    return tiny_folder(base, size=40)
 
 
 def test_plan_and_bad_method():

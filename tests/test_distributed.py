@@ -20,6 +20,7 @@ from fastsynth.config import Config
 from fastsynth.data.loaders import epoch_loader
 from fastsynth.engine import precision, ssl_step
 from fastsynth.model import SynthSSL
+from tinydata import tiny_folder
 
 GLOBAL_B, STEPS = 8, 3
 
@@ -84,26 +85,32 @@ def _train(cfg: Config, steps: int = STEPS) -> dict:
             "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
-def _worker(rank: int, world: int, port: int, out: str, method: str, bn: str) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, case, *args) -> None:
+    """One spawned rank: join a gloo group as torchrun would set it up, save case(*args)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init(torch.device("cpu"), timeout_min=3)
     try:
-        torch.save(_train(_cfg(method, bn)), os.path.join(out, f"rank{rank}.pt"))
+        torch.save(case(*args), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.shutdown()
 
 
-def _spawn(tmp_path, target, *args, world: int = 2):
-    mp.start_processes(target, args=(world, _free_port(), str(tmp_path), *args), nprocs=world,
+def _spawn(tmp_path, case, *args, world: int = 2) -> list:
+    """case(*args) on each of `world` gloo ranks; their results in rank order."""
+    mp.start_processes(_rank_main, args=(world, _free_port(), str(tmp_path), case, *args), nprocs=world,
                        start_method="spawn", join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+def _train_case(method: str, bn: str) -> dict:
+    return _train(_cfg(method, bn))
+
+
 @pytest.mark.parametrize("method", ["mocov2", "simsiam"])
 def test_two_ranks_equal_one_process_of_twice_the_batch(method, tmp_path):
-    ranks = _spawn(tmp_path, _worker, method, "sync")
+    ranks = _spawn(tmp_path, _train_case, method, "sync")
     torch.set_num_threads(2)
     single = _train(_cfg(method, "sync"), steps=1)
     # After several steps every rank holds the same model, queue and bank, bit for bit.
@@ -131,16 +138,6 @@ def test_two_ranks_equal_one_process_of_twice_the_batch(method, tmp_path):
     assert int(ranks[0]["state"]["synth.bank.count"]) == STEPS * GLOBAL_B  # rows seen: the global batches
 
 
-def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init(torch.device("cpu"), timeout_min=3)
-    try:
-        torch.save(_bn_case(), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.shutdown()
-
-
 def _bn_case() -> dict:
     """A BatchNorm2d used twice in one graph (as the encoder is), on this rank's rows."""
     torch.manual_seed(0)
@@ -165,33 +162,26 @@ def _bn_case() -> dict:
 
 
 def test_global_batchnorm_equals_batchnorm(tmp_path):
-    ranks = _spawn(tmp_path, _bn_worker)
+    ranks = _spawn(tmp_path, _bn_case)
     single = _bn_case()  # plain nn.BatchNorm2d over all 8 rows
     for res in ranks:
         for k in ("grads", "gx", "running"):
             torch.testing.assert_close(res[k], single[k], rtol=1e-5, atol=1e-6)
 
 
-def _shuffle_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init(torch.device("cpu"), timeout_min=3)
-    try:
-        torch.manual_seed(0)
-        x = torch.randn(world * 6, 5)[rank * 6:(rank + 1) * 6]
-        linear = nn.Linear(5, 3)
-        bn = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
-        res = {"x": x, "linear": dist.shuffled_keys(linear, x), "linear_direct": linear(x).detach(),
-               "bn": dist.shuffled_keys(bn, x), "bn_direct": bn(x).detach(),
-               "gathered": dist.gather(x), "offset": torch.tensor(dist.row_offset(6))}
-        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.shutdown()
+def _shuffle_case() -> dict:
+    torch.manual_seed(0)
+    rank = dist.rank()
+    x = torch.randn(dist.world() * 6, 5)[rank * 6:(rank + 1) * 6]
+    linear = nn.Linear(5, 3)
+    bn = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
+    return {"x": x, "linear": dist.shuffled_keys(linear, x), "linear_direct": linear(x).detach(),
+            "bn": dist.shuffled_keys(bn, x), "bn_direct": bn(x).detach(),
+            "gathered": dist.gather(x), "offset": torch.tensor(dist.row_offset(6))}
 
 
 def test_shuffle_bn_returns_each_rank_its_own_keys(tmp_path):
-    ranks = _spawn(tmp_path, _shuffle_worker)
+    ranks = _spawn(tmp_path, _shuffle_case)
     for r, res in enumerate(ranks):
         # Without BatchNorm the shuffle is invisible: each rank gets exactly its own rows back.
         torch.testing.assert_close(res["linear"], res["linear_direct"])
@@ -244,9 +234,7 @@ def _torchrun(*args, timeout=300):
 
 
 def test_torchrun_writes_once_and_resumes(tmp_path):
-    from fastsynth.data.synthetic import synthetic
-    splits = synthetic(root=str(tmp_path / "data"), num_classes=4, train_per_class=6, test_per_class=3, size=48)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    root = tiny_folder(tmp_path / "data")
     out = tmp_path / "run"
     # --resume if-any: a fresh run the first time (what an elastic restart policy launches).
     p = _torchrun("--resume", "if-any", "--dataset", "folder", "--data-root", root, "--output-dir", str(out), *TINY)
@@ -266,9 +254,7 @@ def test_torchrun_writes_once_and_resumes(tmp_path):
 
 
 def test_uneven_global_batch_is_a_clear_error(tmp_path):
-    from fastsynth.data.synthetic import synthetic
-    splits = synthetic(root=str(tmp_path / "data"), num_classes=4, train_per_class=6, test_per_class=3, size=48)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    root = tiny_folder(tmp_path / "data")
     args = [a if a != "8" else "9" for a in TINY]
     p = _torchrun("--dataset", "folder", "--data-root", root, "--output-dir", str(tmp_path / "run"), *args,
                   timeout=120)

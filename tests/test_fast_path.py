@@ -1,6 +1,5 @@
 """The fast path's switches (issue 4): plan resolution, channels-last, compile, optimizers, DALI
 in the training command, and no graph breaks where the Triton kernels sit in the step."""
-import os
 import warnings
 
 import pytest
@@ -11,6 +10,7 @@ from fastsynth.config import Config, ConfigError
 from fastsynth.engine import precision, ssl_step
 from fastsynth.kernels import dual_noise
 from fastsynth.model import SynthSSL
+from tinydata import tiny_folder
 
 CPU = torch.device("cpu")
 
@@ -165,9 +165,7 @@ def test_hot_path_traces_without_graph_breaks():
 def test_train_command_with_dali_and_channels_last(tmp_path):
     pytest.importorskip("nvidia.dali")
     from fastsynth import train
-    from fastsynth.data.synthetic import synthetic
-    splits = synthetic(root=str(tmp_path / "data"), num_classes=4, train_per_class=6, test_per_class=3, size=48)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    root = tiny_folder(tmp_path / "data")
     out = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no silent fallback to the torch loader

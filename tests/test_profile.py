@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fastsynth import profile
-from fastsynth.data.synthetic import synthetic
+from tinydata import tiny_folder
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--queue-size", "16", "--bank-size", "8",
         "--decoder-width", "16", "--steps", "2", "--warmup-steps", "1", "--device", "cpu"]
@@ -18,8 +18,7 @@ def runs(tmp_path_factory):
     """The reference path through the torchvision loader on a tiny folder set, and the fast path
     (eager: compiling takes minutes on a CPU) on in-device random batches with a trace."""
     tmp = tmp_path_factory.mktemp("profile")
-    splits = synthetic(root=str(tmp / "data"), num_classes=4, train_per_class=6, test_per_class=3, size=48)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    root = tiny_folder(tmp / "data")
     argv = {"reference": ["--impl", "reference", "--dataset", "folder", "--data-root", root, "--data", "loader"],
             "fast": ["--impl", "fast", "--no-compile", "--trace", str(tmp / "trace")]}
     out = {}

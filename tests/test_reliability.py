@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fastsynth import checkpoint, engine, train
-from fastsynth.data.synthetic import synthetic
 from fastsynth.kernels import FeatureBank
+from tinydata import tiny_folder
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epochs", "2",
         "--warmup-epochs", "2", "--probe-epochs", "2", "--probe-fractions", "1.0", "--queue-size", "32",
@@ -22,8 +22,7 @@ TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epoc
 def root(tmp_path_factory):
     """4 classes x 6 training images: 3 SSL steps per epoch at batch 8."""
     base = tmp_path_factory.mktemp("rel")
-    splits = synthetic(root=str(base), num_classes=4, train_per_class=6, test_per_class=2, size=40)
-    return os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    return tiny_folder(base, test_per_class=2, size=40)
 
 
 def _args(root, out, *extra):

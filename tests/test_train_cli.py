@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from fastsynth.data.synthetic import synthetic
 from fastsynth import eval as fs_eval
 from fastsynth import train
+from tinydata import tiny_folder
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--max-steps", "2",
         "--warmup-epochs", "2", "--probe-epochs", "3", "--queue-size", "32", "--bank-size", "16",
@@ -19,8 +19,7 @@ TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--epoc
 def tiny_root(tmp_path_factory):
     """A 4-class synthetic set written as a plain train/ test/ ImageFolder tree."""
     root = tmp_path_factory.mktemp("tiny")
-    splits = synthetic(root=str(root), num_classes=4, train_per_class=6, test_per_class=3, size=48)
-    return os.path.dirname(os.path.dirname(os.path.dirname(splits.train.paths[0])))
+    return tiny_folder(root)
 
 
 @pytest.fixture(scope="module")
