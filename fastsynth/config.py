@@ -236,9 +236,10 @@ PRESETS = {
     # METHOD.md "Training settings": ResNet-50 at 224, batch 128, 100 epochs, queue 65536,
     # decoder warm-up 200 epochs. lr 0.03 at batch 128 is 0.06 per 256 images.
     "paper": {},
-    # Fits a 2-core CPU: ResNet-18 at 64 px on the synthetic set. The queue and bank are shorter
-    # than the dataset (800 images) so they hold recent, not stale, features; the key encoder
-    # moves faster because the run is a few hundred steps long.
+    # Fits a 2-core CPU: ResNet-18 at 64 px on the synthetic set. The queue holds about 1.3
+    # epochs of keys (1024 for 800 images; a queue of 256 changed nothing measurable, see
+    # bench/results/2026-11-26-quick-vs-random) and the bank 512 rows, so both hold recent
+    # features; the key encoder moves faster because the run is only 60 steps long.
     "quick": dict(arch="resnet18", image_size=64, batch_size=64, epochs=5,
                   queue_size=1024, bank_size=512, moco_momentum=0.99, warmup_epochs=20,
                   simsiam_dim=512, decoder_width=128, probe_epochs=100, workers=0, log_every=5),

@@ -34,14 +34,49 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def precision(cfg: Config, device: torch.device):
-    """(autocast context factory, GradScaler or None): one autocast, a scaler only for float16."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 / AMX, via oneDNN's check).
+    Without it autocast emulates bfloat16 and the step runs several times slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN: nothing native to use
+        return False
+
+
+_SAID_FLOAT32 = False
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a run uses, None for float32.
+
+    `--amp` with `--amp-dtype auto`: bfloat16 on a GPU that has it, else float16 (with a
+    GradScaler); on a CPU bfloat16 only where the CPU has bfloat16 hardware, else float32 with a
+    one-line note (emulated bfloat16 took over 5x the float32 step time on a 2-core AVX2 machine:
+    bench/results/2026-11-26-cpu-step). An explicit --amp-dtype is always honoured.
+    """
+    global _SAID_FLOAT32
     if not cfg.amp:
-        return contextlib.nullcontext, None
+        return None
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.amp_dtype)
+    if dtype is not None:
+        return dtype
+    if device.type == "cpu":
+        if cpu_has_bf16():
+            return torch.bfloat16
+        if not _SAID_FLOAT32:
+            print("--amp: this CPU has no bfloat16 hardware, so autocast would be emulated and slower; "
+                  "running float32 (--amp-dtype bfloat16 forces it)")
+            _SAID_FLOAT32 = True
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def precision(cfg: Config, device: torch.device):
+    """(autocast context factory, GradScaler or None): one autocast (autocast_dtype), a scaler
+    only for float16."""
+    dtype = autocast_dtype(cfg, device)
     if dtype is None:
-        bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16_ok else torch.float16
+        return contextlib.nullcontext, None
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
@@ -154,6 +189,34 @@ def _collapse_check(method_name: str, ctx: dict, run: RunDir, epoch: int) -> Non
               f"{healthy:.2e} (check --lr, --batch-size, the predictor)", flush=True)
 
 
+def step_flops(cfg: Config, device: torch.device, batch) -> int | None:
+    """FLOPs of one training step on this batch, for the TFLOP/s and MFU in the log: one forward
+    and backward of an eager copy of the model (profile.count_flops), once per run. The RNG
+    streams are restored afterwards, so the run is the same with or without it. None (and a note)
+    when counting fails: the log then shows images/s only."""
+    from fastsynth.profile import count_flops
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            return count_flops(cfg, device, batch)
+        except Exception as e:  # noqa: BLE001 - a diagnostic must never stop training
+            print(f"note: FLOPs per step not counted ({type(e).__name__}: {e}); the log shows images/s only")
+            return None
+
+
+def _throughput(flops: int | None, steps: int, seconds: float, device: torch.device) -> dict:
+    """{'tflops_per_s', 'mfu'} over an interval; MFU against the GPU's dense bf16 peak (as
+    fastsynth.profile reports it), only where that peak is known."""
+    if not flops or seconds <= 0:
+        return {}
+    from fastsynth.profile import bf16_peak
+    rate = flops * steps / seconds
+    out = {"tflops_per_s": round(rate / 1e12, 4)}
+    peak = bf16_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if peak:
+        out["mfu"] = round(rate / peak, 4)
+    return out
+
+
 def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device: torch.device,
               stop: StopRequest, state: dict | None = None, plan: fast.Plan | None = None) -> dict:
     """SSL training with Eq. 8 (or Eq. 1 alone with --synth off). Returns the last epoch's means.
@@ -212,6 +275,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total)
 
     model.train()
+    flops = None  # per step, counted on the first batch this process sees
     for epoch in range(start_epoch, cfg.epochs):
         if step >= total_steps:
             break
@@ -221,10 +285,13 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         sums, count, last, ctx = {}, torch.zeros((), device=device), None, {}  # last: (x, x_hat, x_tilde)
         bad_window, window = torch.zeros((), device=device), 0
         t_epoch = t_log = time.perf_counter()
-        images = images_log = 0
+        images = images_log = steps_done = steps_log = 0
         bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
         for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
             x1, x2, x = (t.to(device, non_blocking=True, memory_format=fmt) for t in (x1, x2, x))
+            if flops is None:
+                flops = step_flops(cfg, device, (x1, x2, x)) or 0
+                t_epoch = t_log = time.perf_counter()  # the count's own step is not training time
             _cosine(opt, base_lr, step, total_steps)
             seed = noise_seed(cfg.seed, step, rank, world)
             good, loss, parts, ctx, out = ssl_step(step_model, model, opt, dec_opt, scaler, autocast, (x1, x2, x),
@@ -234,6 +301,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 sums[k] = sums.get(k, 0) + torch.nan_to_num(v.detach().float()) * w
             count += w
             images += x1.shape[0]
+            steps_done += 1
             bad_window += 1 - w
             window += 1
             step += 1
@@ -247,8 +315,13 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 shown = {k: f"{(v / count.clamp_min(1)).item():.3f}" for k, v in sums.items()}  # syncs
                 now = time.perf_counter()
                 shown["img/s"] = f"{(images - images_log) / max(now - t_log, 1e-9):.1f}"  # per process
+                rate = _throughput(flops, steps_done - steps_log, now - t_log, device)
+                if rate:
+                    shown["TFLOP/s"] = f"{rate['tflops_per_s']:.3g}"
+                if "mfu" in rate:
+                    shown["MFU"] = f"{100 * rate['mfu']:.1f}%"
                 bar.set_postfix(shown)
-                t_log, images_log = now, images
+                t_log, images_log, steps_log = now, images, steps_done
             # Checkpoints at the end of a step, before the loader draws the next batch's
             # augmentations: the saved RNG state is the one the next step starts from.
             if dist.any_rank(stop.requested):
@@ -259,7 +332,9 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             if step >= total_steps:
                 break
         epoch_means = {k: (v / count.clamp_min(1)).item() for k, v in sums.items()}
-        speed = {"images_per_s": round(images / max(time.perf_counter() - t_epoch, 1e-9), 2)}  # per process
+        seconds = max(time.perf_counter() - t_epoch, 1e-9)
+        speed = {"images_per_s": round(images / seconds, 2),  # per process
+                 **_throughput(flops, steps_done, seconds, device)}
         if device.type == "cuda":
             speed["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],

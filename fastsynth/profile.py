@@ -216,6 +216,10 @@ def _batches(cfg, plan, device, data: str):
     return epochs()
 
 
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
 def bf16_peak(name: str) -> float | None:
     return next((peak for frag, peak in BF16_PEAK if frag in name), None)
 
@@ -229,7 +233,7 @@ def _version(module: str) -> str | None:
 
 def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: str | None = None) -> dict:
     """Time `steps` training steps after `warmup` untimed ones (torch.compile compiles there)."""
-    from fastsynth.engine import noise_seed, resolve_device, ssl_step
+    from fastsynth.engine import autocast_dtype, noise_seed, resolve_device, ssl_step
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup-steps >= 0, got {steps} and {warmup}")
     if data not in DATA:
@@ -268,6 +272,7 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                      "triton": _version("triton"), "dali": _version("nvidia.dali")},
         "arch": cfg.arch, "image_size": cfg.image_size, "batch_size": cfg.batch_size, "amp": cfg.amp,
+        "autocast_dtype": _dtype_name(autocast_dtype(cfg, device)),  # None: float32 (--amp may say otherwise)
         "steps": steps, "warmup_steps": warmup, "wall_s": wall, "images_per_s": cfg.batch_size * steps / wall,
         "step_ms": {"mean": mean * 1e3, "median": statistics.median(step_s) * 1e3,
                     "min": min(step_s) * 1e3, "max": max(step_s) * 1e3},
@@ -331,7 +336,8 @@ def _trace(path: str, one_step, n: int, device: torch.device) -> None:
 def format_table(r: dict) -> str:
     mfu = f"{r['mfu'] * 100:.1f} %" if r["mfu"] is not None else f"n/a ({r['device_name']}: no bf16 peak known)"
     lines = [f"{r['plan_text']}; data {r['data']}; {r['device_name']}",
-             (f"{r['arch']} at {r['image_size']} px, batch {r['batch_size']}, amp {r['amp']}: "
+             (f"{r['arch']} at {r['image_size']} px, batch {r['batch_size']}, amp {r['amp']} "
+              f"(autocast {r.get('autocast_dtype') or 'off: float32'}): "
               f"{r['steps']} steps after {r['warmup_steps']} warm-up"),
              (f"images/s per process {r['images_per_s']:.1f}   step ms mean {r['step_ms']['mean']:.2f}  "
               f"median {r['step_ms']['median']:.2f}"), "",

@@ -113,6 +113,15 @@ def _deterministic(cfg) -> None:
               "augmentations than an uninterrupted one (use --workers 0 for exact resumption)")
 
 
+def queue_note(cfg, train_images: int) -> str | None:
+    """A MoCo queue as long as the training set holds older keys of each query's own image, which
+    then count as negatives. The paper's K = 65536 does that on every fine-grained set; say so."""
+    if cfg.method != "mocov2" or cfg.queue_size < train_images:
+        return None
+    return (f"note: the MoCo queue ({cfg.queue_size} keys) is at least the training set ({train_images} "
+            f"images): older keys of each query's own image are among its negatives")
+
+
 def run(cfg) -> dict:
     # Imports here keep `--help` and config errors fast.
     from fastsynth.data.datasets import build_dataset
@@ -161,6 +170,9 @@ def run(cfg) -> dict:
         splits = clean_splits(splits, cfg.max_bad_fraction, report, workers=max(cfg.workers, 4))
     print(f"dataset {cfg.dataset}: {len(splits.train)} train / {len(splits.test)} test images, "
           f"{splits.train.num_classes} classes")
+    note = queue_note(cfg, len(splits.train))
+    if note:
+        print(note)
     seed_everything(cfg.seed)  # the model's initialisation depends on the seed only
     model = SynthSSL(cfg).to(device)
     if world > 1:

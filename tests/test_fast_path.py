@@ -287,3 +287,22 @@ def test_float16_steps_the_scaler_skips_leave_the_queue_alone():
         applied.append(bool(good))
     assert not all(applied) and any(applied), applied  # the starting scale 65536 overflows first
     assert int(model.method.queue_ptr) == sum(applied) * 4 % 16
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_auto_on_cpu_follows_bfloat16_hardware(monkeypatch, capsys, native):
+    """--amp with --amp-dtype auto: bfloat16 autocast only on a CPU with bfloat16 hardware, else
+    float32 and a note; an explicit --amp-dtype bfloat16 is honoured either way."""
+    from fastsynth import engine
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(engine, "_SAID_FLOAT32", False)
+    lin = torch.nn.Linear(4, 4)
+    autocast, scaler = precision(_cfg(amp=True), CPU)
+    with autocast():
+        out = lin(torch.randn(2, 4))
+    assert scaler is None
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
+    assert ("no bfloat16 hardware" in capsys.readouterr().out) is (not native)
+    autocast, _ = precision(_cfg(amp=True, amp_dtype="bfloat16"), CPU)
+    with autocast():
+        assert lin(torch.randn(2, 4)).dtype == torch.bfloat16

@@ -37,6 +37,7 @@ def test_figures_exist_and_add_up(runs, impl):
     assert r["impl"] == impl and r["plan"]["impl"] == impl and r["config"]["batch_size"] == 4
     assert r["data"] == ("loader" if impl == "reference" else "synthetic-gpu")
     assert r["steps"] == 2 and r["images_per_s"] > 0 and r["wall_s"] > 0
+    assert r["amp"] is False and r["autocast_dtype"] is None
     step = r["step_ms"]
     assert 0 < step["min"] <= step["median"] <= step["max"] and step["min"] <= step["mean"] <= step["max"]
     # The stage rows partition each step's marks, so they add up to the step time (float sums only).
@@ -81,3 +82,20 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv):
     assert profile.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
+
+
+def test_training_log_flops_match_the_profiler_and_leave_the_rng_alone():
+    """train's TFLOP/s comes from the profiler's count on the run's own batch; counting draws a
+    model's initial weights but restores the RNG, so a run is the same with or without it."""
+    import torch
+
+    from fastsynth.config import Config
+    from fastsynth.engine import step_flops
+    cfg = Config(arch="resnet18", image_size=32, batch_size=4, queue_size=16, bank_size=8,
+                 decoder_width=16).validate()
+    batch = profile.random_batch(cfg, torch.device("cpu"))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    n = step_flops(cfg, torch.device("cpu"), batch)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert n == profile.count_flops(cfg, torch.device("cpu"), batch) and n > 1e8

@@ -37,6 +37,7 @@ def test_run_folder_contents(tiny_run):
     assert {r["stage"] for r in records} == {"warmup", "ssl"}
     ssl = [r for r in records if r["stage"] == "ssl"]
     assert all(k in ssl[0] for k in ("loss", "l_c", "l_r", "l_cp"))
+    assert ssl[-1]["images_per_s"] > 0 and ssl[-1]["tflops_per_s"] > 0 and "mfu" not in ssl[-1]  # no CPU peak
     final = json.load(open(os.path.join(tiny_run, "final_metrics.json")))
     for enc in ("trained", "random_init"):
         m = final["metrics"][enc]
@@ -116,9 +117,9 @@ def _warmup_then_ssl(root, out, *flags):
 
 
 def test_amp_bfloat16_on_cpu(tiny_root, tmp_path):
-    """--amp picks bfloat16 autocast on the CPU; the step runs and the losses stay finite."""
+    """--amp --amp-dtype bfloat16 runs bfloat16 autocast on any CPU; the losses stay finite."""
     out = str(tmp_path / "amp")
-    _warmup_then_ssl(tiny_root, out, "--amp")
+    _warmup_then_ssl(tiny_root, out, "--amp", "--amp-dtype", "bfloat16")
     ssl = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"ssl"' in line]
     assert ssl and all(v == v and abs(v) < 1e6 for r in ssl for k, v in r.items() if k.startswith("l"))
 
@@ -131,3 +132,11 @@ def test_tensorboard_logs_scalars_and_triplets(tiny_root, tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"warmup/l_r", "ssl/loss", "ssl/l_c", "ssl/l_cp"} <= tags
     assert "triplets" in acc.Tags()["images"]
+
+
+def test_queue_note_when_queue_covers_the_training_set():
+    from fastsynth.config import from_args
+    cfg = from_args(["--queue-size", "1024"])
+    assert "1024 keys" in train.queue_note(cfg, 800) and "800 images" in train.queue_note(cfg, 800)
+    assert train.queue_note(cfg, 1025) is None
+    assert train.queue_note(from_args(["--method", "simsiam"]), 10) is None  # SimSiam has no queue
