@@ -19,12 +19,33 @@ from torch import nn
 _CONTROL = None  # a gloo group for host-side flags (stop requests) that must not touch the GPU stream
 
 
+_LOCAL = False  # inside local(): this process acts alone
+
+
 def world() -> int:
+    if _LOCAL:
+        return 1
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
+    if _LOCAL:
+        return 0
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def local():
+    """Run a block as if this process were alone (world() 1, rank() 0): every collective in the
+    package goes through world(), so none is issued inside. For per-process diagnostics that may
+    fail on one rank only (the FLOP count): a failure there cannot leave the other ranks waiting
+    in a collective. Nothing inside may print, write files or need the global batch."""
+    global _LOCAL
+    saved, _LOCAL = _LOCAL, True
+    try:
+        yield
+    finally:
+        _LOCAL = saved
 
 
 def is_main() -> bool:

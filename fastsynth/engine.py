@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import time
 
 import torch
@@ -35,11 +36,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 / AMX, via oneDNN's check).
-    Without it autocast emulates bfloat16 and the step runs several times slower than float32."""
+    """Whether this CPU has bfloat16 arithmetic instructions (x86: AVX512-BF16 or AMX; torch's own
+    CPUID probes). Without them autocast emulates bfloat16 and the step runs several times slower
+    than float32. (oneDNN's _is_mkldnn_bf16_supported only asks for AVX-512, which emulates.)
+    Other architectures: oneDNN's check, where the torch build has it."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     try:
+        if platform.machine() in ("x86_64", "AMD64") and all(probes):
+            return any(bool(p()) for p in probes)
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN: nothing native to use
+    except (AttributeError, RuntimeError):  # a build without the probes: nothing known to be native
         return False
 
 
@@ -68,7 +74,16 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
                   "running float32 (--amp-dtype bfloat16 forces it)")
             _SAID_FLOAT32 = True
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cuda_has_bf16() else torch.float16
+
+
+def _cuda_has_bf16() -> bool:
+    """bfloat16 in hardware (Ampere and newer); emulated bfloat16 (V100, T4) is slow, so those
+    GPUs get float16 with a GradScaler."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument counted hardware support only
+        return torch.cuda.is_bf16_supported()
 
 
 def precision(cfg: Config, device: torch.device):
@@ -195,12 +210,18 @@ def step_flops(cfg: Config, device: torch.device, batch) -> int | None:
     streams are restored afterwards, so the run is the same with or without it. None (and a note)
     when counting fails: the log then shows images/s only."""
     from fastsynth.profile import count_flops
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # dist.local(): the copy's forward issues no collectives (shuffle-BN, bank gather, NT-Xent's
+    # global negatives), so an error here on one rank cannot leave the others waiting; the count
+    # then misses only Eq. 7's columns for other ranks' rows (2N x 2N(W-1) x C, negligible).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), dist.local():
         try:
             return count_flops(cfg, device, batch)
         except Exception as e:  # noqa: BLE001 - a diagnostic must never stop training
             print(f"note: FLOPs per step not counted ({type(e).__name__}: {e}); the log shows images/s only")
             return None
+        finally:
+            if device.type == "cuda":  # the copy's activations: give them back to other processes too
+                torch.cuda.empty_cache()
 
 
 def _throughput(flops: int | None, steps: int, seconds: float, device: torch.device) -> dict:
@@ -292,6 +313,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             if flops is None:
                 flops = step_flops(cfg, device, (x1, x2, x)) or 0
                 t_epoch = t_log = time.perf_counter()  # the count's own step is not training time
+                if device.type == "cuda":  # nor is its memory: the logged peak is the training step's
+                    torch.cuda.reset_peak_memory_stats(device)
             _cosine(opt, base_lr, step, total_steps)
             seed = noise_seed(cfg.seed, step, rank, world)
             good, loss, parts, ctx, out = ssl_step(step_model, model, opt, dec_opt, scaler, autocast, (x1, x2, x),

@@ -191,6 +191,32 @@ def test_shuffle_bn_returns_each_rank_its_own_keys(tmp_path):
         assert int(res["offset"]) == 6 * r
 
 
+def _flops_case() -> dict:
+    """train's one-off FLOP count fails on rank 1 only (as an out-of-memory would): it must
+    issue no collective, so rank 0's count cannot wait for rank 1, and the next collective pairs up."""
+    from fastsynth import profile
+    from fastsynth.engine import step_flops
+    if dist.rank() == 1:
+        def fail(*args, **kwargs):
+            raise RuntimeError("simulated out of memory")
+        profile.count_flops = fail  # this spawned process only
+    batch = tuple(t[:GLOBAL_B // 2] for t in _batches()[0])
+    n = step_flops(_cfg("mocov2", bn="shuffle"), torch.device("cpu"), batch)
+    with dist.local():
+        inside = dist.world()
+    x = torch.full((2,), float(dist.rank()))
+    return {"flops": torch.tensor(-1 if n is None else n), "gathered": dist.gather(x),
+            "inside": torch.tensor(inside), "after": torch.tensor(dist.world())}
+
+
+def test_flop_count_failing_on_one_rank_leaves_the_others_free(tmp_path):
+    ranks = _spawn(tmp_path, _flops_case)
+    assert int(ranks[0]["flops"]) > 1e8 and int(ranks[1]["flops"]) == -1
+    for res in ranks:
+        torch.testing.assert_close(res["gathered"], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+        assert int(res["inside"]) == 1 and int(res["after"]) == 2
+
+
 def test_epoch_shards_are_disjoint_and_cover_the_epoch():
     data = list(range(37))
     for epoch in (0, 1):

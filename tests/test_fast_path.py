@@ -306,3 +306,18 @@ def test_amp_auto_on_cpu_follows_bfloat16_hardware(monkeypatch, capsys, native):
     autocast, _ = precision(_cfg(amp=True, amp_dtype="bfloat16"), CPU)
     with autocast():
         assert lin(torch.randn(2, 4)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("hardware", [False, True])
+def test_amp_auto_on_gpu_uses_bfloat16_only_in_hardware(monkeypatch, hardware):
+    """Emulated bfloat16 (V100, T4) is slow: --amp there means float16 with a GradScaler."""
+    from fastsynth import engine
+    asked = {}
+
+    def probe(including_emulation=True):
+        asked["emulation"] = including_emulation
+        return hardware
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", probe)
+    dtype = engine.autocast_dtype(_cfg(amp=True), torch.device("cuda"))
+    assert asked == {"emulation": False}
+    assert dtype == (torch.bfloat16 if hardware else torch.float16)
