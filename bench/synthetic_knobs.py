@@ -19,19 +19,29 @@ import sys
 import fastsynth.data.datasets as datasets
 import fastsynth.data.synthetic as syn
 
-KNOBS = ("CLUTTER", "ROTATION", "MARKER", "KINDS", "LENGTH", "TPC")
+GENERATOR_KNOBS = ("CLUTTER", "ROTATION", "MARKER", "KINDS", "LENGTH")
+
+
+def apply_knobs(pairs, extra=()) -> dict:
+    """NAME=VALUE strings -> {name: value}; generator knobs are set on fastsynth.data.synthetic,
+    names in `extra` are only returned. Shared with synthetic_learnability.py."""
+    knobs = {}
+    for pair in pairs:
+        name, value = pair.split("=", 1)
+        if name not in GENERATOR_KNOBS + tuple(extra):
+            sys.exit(f"unknown knob {name!r}; choose from {', '.join(GENERATOR_KNOBS + tuple(extra))}")
+        knobs[name] = eval(value)  # developer script: knob values are Python literals
+        if name in GENERATOR_KNOBS:
+            setattr(syn, name, knobs[name])
+    return knobs
 
 
 def main(argv):
-    knobs = {}
+    pairs = []
     while argv and "=" in argv[0] and not argv[0].startswith("-"):
-        name, value = argv.pop(0).split("=", 1)
-        if name not in KNOBS:
-            sys.exit(f"unknown knob {name!r}; choose from {', '.join(KNOBS)}")
-        knobs[name] = eval(value)  # developer script: knob values are Python literals
+        pairs.append(argv.pop(0))
+    knobs = apply_knobs(pairs, extra=("TPC",))
     train_per_class = knobs.pop("TPC", 40)
-    for name, value in knobs.items():
-        setattr(syn, name, value)
     tag = hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:10]
     root = os.path.join(os.environ.get("FASTSYNTH_KNOBS_CACHE", "/tmp/fastsynth-knobs"), tag)
 

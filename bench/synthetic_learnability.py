@@ -20,6 +20,7 @@ import torchvision
 
 import fastsynth.data.synthetic as syn
 from fastsynth.data.transforms import augment, evaluation, plain
+from synthetic_knobs import apply_knobs  # bench/ is on sys.path when run as a script
 
 
 def main():
@@ -30,9 +31,7 @@ def main():
     p.add_argument("--aug", choices=("plain", "ssl"), default="plain")
     p.add_argument("knobs", nargs="*")
     args = p.parse_args()
-    for kv in args.knobs:
-        name, value = kv.split("=", 1)
-        setattr(syn, name, eval(value))  # developer script: knob values are Python literals
+    apply_knobs(args.knobs)
     torch.manual_seed(0)
     s, classes = args.image_size, 20
     tf = plain(s) if args.aug == "plain" else augment(s)

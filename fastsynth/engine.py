@@ -224,15 +224,18 @@ def step_flops(cfg: Config, device: torch.device, batch) -> int | None:
                 torch.cuda.empty_cache()
 
 
-def _throughput(flops: int | None, steps: int, seconds: float, device: torch.device) -> dict:
-    """{'tflops_per_s', 'mfu'} over an interval; MFU against the GPU's dense bf16 peak (as
-    fastsynth.profile reports it), only where that peak is known."""
+def _device_peak(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak FLOP/s (fastsynth.profile's table), None on a CPU or unknown GPU."""
+    from fastsynth.profile import bf16_peak
+    return bf16_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def _throughput(flops: int, peak: float | None, steps: int, seconds: float) -> dict:
+    """{'tflops_per_s', 'mfu'} over an interval; MFU only where the peak is known."""
     if not flops or seconds <= 0:
         return {}
-    from fastsynth.profile import bf16_peak
     rate = flops * steps / seconds
     out = {"tflops_per_s": round(rate / 1e12, 4)}
-    peak = bf16_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if peak:
         out["mfu"] = round(rate / peak, 4)
     return out
@@ -296,7 +299,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total)
 
     model.train()
-    flops = None  # per step, counted on the first batch this process sees
+    flops, peak = None, _device_peak(device)  # flops: per step, counted on the first batch this process sees
     for epoch in range(start_epoch, cfg.epochs):
         if step >= total_steps:
             break
@@ -338,7 +341,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 shown = {k: f"{(v / count.clamp_min(1)).item():.3f}" for k, v in sums.items()}  # syncs
                 now = time.perf_counter()
                 shown["img/s"] = f"{(images - images_log) / max(now - t_log, 1e-9):.1f}"  # per process
-                rate = _throughput(flops, steps_done - steps_log, now - t_log, device)
+                rate = _throughput(flops, peak, steps_done - steps_log, now - t_log)
                 if rate:
                     shown["TFLOP/s"] = f"{rate['tflops_per_s']:.3g}"
                 if "mfu" in rate:
@@ -357,7 +360,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         epoch_means = {k: (v / count.clamp_min(1)).item() for k, v in sums.items()}
         seconds = max(time.perf_counter() - t_epoch, 1e-9)
         speed = {"images_per_s": round(images / seconds, 2),  # per process
-                 **_throughput(flops, steps_done, seconds, device)}
+                 **_throughput(flops, peak, steps_done, seconds)}
         if device.type == "cuda":
             speed["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
