@@ -304,32 +304,39 @@ def case_dispatch(mods, rep_ms):
     return out
 
 
-DUAL_NOISE_SWEEP = [(r, f, w) for f in (False, True) for r in (1, 2, 4) for w in (4, 8, 16)]
+# (programs_per_sm, fast, num_warps, philox_rounds): programs walking over rows (64 per SM at
+# B = 8192 is one row per program, the earlier kernel's launch), the exact functions once for
+# the fast/exact output difference, and Philox4x32-7 for information only (not the default).
+DUAL_NOISE_SWEEP = ([(p, True, w, 10) for p in (2, 4, 8, 16, 64) for w in (4, 8)]
+                    + [(8, False, 4, 10), (8, True, 4, 7), (16, True, 4, 7)])
 
 
 def case_dual_noise_sweep(m, b, d, dtype, rep_ms):
-    """rows per program x approximate intrinsics x warps; the fast/exact output difference at
-    the same seed measures what the approximate log/sin/cos change (in units of sigma = 1)."""
+    """Launch choices of the kernel; the best with the default generator (Philox4x32-10, the
+    approximate functions) is the one held against the target. The fast/exact output difference
+    at the same seed measures what the approximate log/sin/cos change (in units of sigma = 1)."""
     z, s = torch.randn(b, d, device=DEV).to(dtype), torch.rand(b, d, device=DEV)
     v_bar = torch.rand(d, device=DEV) * 0.05
     default = dict(m.TUNING)
     rows, outs = [], {}
     try:
-        for r, fast, w in DUAL_NOISE_SWEEP:
-            m.TUNING.update(rows=r, fast=fast, num_warps=w)
+        for pps, fast, w, rounds in DUAL_NOISE_SWEEP:
+            cfg = {"programs_per_sm": pps, "fast": fast, "num_warps": w, "philox_rounds": rounds}
+            m.TUNING.update(cfg)
             fn = lambda: m.dual_noise(z, s, v_bar, 1.0, 1.0, 0.02, seed=0, impl="triton")  # noqa: E731
             try:
-                outs.setdefault(fast, fn().float())
+                if rounds == default["philox_rounds"]:
+                    outs.setdefault(fast, fn().float())
                 ms, timer = gpu_ms(fn, rep_ms)
                 gbps = (b * d * (2 * dtype.itemsize + 4) + 4 * d) / ms / 1e6
-                rows.append({"rows": r, "fast": fast, "num_warps": w, "ms": ms, "timer": timer, "GBps": gbps,
+                rows.append({**cfg, "ms": ms, "timer": timer, "GBps": gbps,
                              "pct_copy": 100 * gbps / FLOORS["copy_GBps"] if FLOORS.get("copy_GBps") else None})
             except Exception:
-                rows.append({"rows": r, "fast": fast, "num_warps": w, "error": err_text()[-600:]})
+                rows.append({**cfg, "error": err_text()[-600:]})
     finally:
         m.TUNING.clear()
         m.TUNING.update(default)
-    ok = [r for r in rows if "ms" in r]
+    ok = [r for r in rows if "ms" in r and r["fast"] and r["philox_rounds"] == default["philox_rounds"]]
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     out = {"b": b, "d": d, "dtype": str(dtype)[6:], "default": default, "configs": rows, "best": best,
            "ms": best["ms"] if best else None}

@@ -11,15 +11,20 @@ from __future__ import annotations
 import torch
 from torch.library import wrap_triton
 
-from ._dispatch import HAS_TRITON, INTERPRET, resolve_impl, skip_launch, tl, triton
+from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton
 
 HAS_TRITON_KERNEL = HAS_TRITON
 MAX_SINGLE_BLOCK = 4096  # rows up to this width are normalised and perturbed from registers
-# Launch choices, swept on an H200 (bench/results/2026-11-26-h200-run4.json, B = 8192, d = 2048,
-# bf16): one row per program, 4 warps, approximate log/sin/cos for Box-Muller (the kernel is
-# bound by instructions, not memory: 143 us with the exact functions, 73 us with these).
-# num_warps None = 4 up to 2048 elements per program, else 8.
-TUNING = {"rows": 1, "fast": True, "num_warps": None}
+# Launch choices. The kernel is bound by instructions, not memory (H200, B = 8192, d = 2048, bf16,
+# bench/results/2026-11-26-h200-run4.json: 143 us with exact log/sin/cos, 73 us with the GPU's
+# approximate ones, FAST). programs_per_sm: programs per SM, each walking over rows, so v_bar's
+# min-max and eps_v's per-column scale are computed once per program, not once per row; 4 fit on
+# an SM together at d = 2048 (96 registers x 128 threads; bench/sass_census.py), so all run in
+# one wave. num_warps None = 4 up to 2048 elements per row block, else 8. bench/gpu_bench.py
+# sweeps these.
+# philox_rounds: 10, the Random123 default and cuRAND's; 7 also passes BigCrush (Salmon et al.,
+# SC'11) with less margin, and Philox is about half of the kernel's instructions (sass_census).
+TUNING = {"programs_per_sm": 4, "fast": True, "num_warps": None, "philox_rounds": 10}
 
 
 def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -57,127 +62,165 @@ def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, 
     return (zf + eps_g + eps_v).to(z.dtype)
 
 
-
 # ---------------------------------------------------------------------------------------------
-# Triton kernel: one program per row, one read of z and s, one write, noise from in-kernel Philox
+# Triton kernel: one read of z and s, one write; noise from in-kernel Philox; v_bar's part once
+# per program, which then walks over rows
 # ---------------------------------------------------------------------------------------------
+# n = sqrt(-2 ln u) cos(theta) = sqrt(2 ln 2) * sqrt(-log2 u) cos(theta): the constant is folded
+# into the per-row and per-column noise scales, so the kernel's Box-Muller takes log2 directly.
 if HAS_TRITON:
     from triton.language.extra import libdevice
 
-    @triton.jit
-    def _uniform(r):
-        """uint32 -> the open interval (0, 1) from the top 24 bits, so log(u) stays finite."""
-        return ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    _SQRT_2_LN2 = tl.constexpr(1.1774100225154747)
 
     @triton.jit
-    def _normals(seed, pair, FAST: tl.constexpr):
-        """N(0, 1) draws (n1, n2) for the two elements 2j, 2j+1 of each pair counter j.
+    def _unit_interval(r):
+        """uint32 -> float in [1, 2) from its low 23 bits placed in the mantissa: a bit mask and
+        an OR instead of an int-to-float conversion (a quarter-rate instruction on the GPU)."""
+        return ((r & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
 
-        One Philox4x32-10 call yields four uint32 words; Box-Muller turns each two into two
-        independent normals; the elements of pair j get (a1, a2) and (b1, b2). The angle is
-        centred on 0, where the GPU's approximate sin/cos (FAST) are most accurate (abs. error
-        about 1e-6); the interpreter has no approximate intrinsics and uses the exact ones.
+    @triton.jit
+    def _normals(seed, counter, FAST: tl.constexpr, ROUNDS: tl.constexpr):
+        """Four N(0, 1) draws, each divided by sqrt(2 ln 2), from one Philox4x32 call per counter.
+
+        Box-Muller on (u, w): radius sqrt(-log2 u) with u = 2 - [1, 2) in (0, 1] (finite log; the
+        largest radius is sqrt(23), a 5.6 sigma tail), angle 2 pi (w - 1.5) centred on 0, where
+        the GPU's approximate sin/cos (FAST) are most accurate (abs. error about 1e-6); the
+        interpreter has no approximate intrinsics and uses the exact functions.
         """
-        r1, r2, r3, r4 = tl.randint4x(seed, pair)
-        th_a = 6.283185307179586 * (_uniform(r2) - 0.5)
-        th_b = 6.283185307179586 * (_uniform(r4) - 0.5)
+        r1, r2, r3, r4 = tl.randint4x(seed, counter, ROUNDS)
+        u_a = 2.0 - _unit_interval(r1)
+        u_b = 2.0 - _unit_interval(r3)
+        th_a = _unit_interval(r2) * 6.283185307179586 - 9.42477796076938
+        th_b = _unit_interval(r4) * 6.283185307179586 - 9.42477796076938
         if FAST:
-            rad_a = tl.sqrt(-2.0 * libdevice.fast_logf(_uniform(r1)))
-            rad_b = tl.sqrt(-2.0 * libdevice.fast_logf(_uniform(r3)))
-            n1 = tl.interleave(rad_a * libdevice.fast_cosf(th_a), rad_b * libdevice.fast_cosf(th_b))
-            n2 = tl.interleave(rad_a * libdevice.fast_sinf(th_a), rad_b * libdevice.fast_sinf(th_b))
+            rad_a = tl.sqrt(-libdevice.fast_log2f(u_a))
+            rad_b = tl.sqrt(-libdevice.fast_log2f(u_b))
+            return (rad_a * libdevice.fast_cosf(th_a), rad_a * libdevice.fast_sinf(th_a),
+                    rad_b * libdevice.fast_cosf(th_b), rad_b * libdevice.fast_sinf(th_b))
         else:
-            rad_a = tl.sqrt(-2.0 * tl.log(_uniform(r1)))
-            rad_b = tl.sqrt(-2.0 * tl.log(_uniform(r3)))
-            n1 = tl.interleave(rad_a * tl.cos(th_a), rad_b * tl.cos(th_b))
-            n2 = tl.interleave(rad_a * tl.sin(th_a), rad_b * tl.sin(th_b))
-        return n1, n2
+            rad_a = tl.sqrt(-tl.log2(u_a))
+            rad_b = tl.sqrt(-tl.log2(u_b))
+            return rad_a * tl.cos(th_a), rad_a * tl.sin(th_a), rad_b * tl.cos(th_b), rad_b * tl.sin(th_b)
 
     @triton.jit
-    def _dual_noise_kernel(z_ptr, s_ptr, v_ptr, out_ptr, B, D,
+    def _load(ptr, mask, EVEN: tl.constexpr):
+        if EVEN:
+            return tl.load(ptr).to(tl.float32)
+        else:
+            return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _lo_hi(x, mask, lo, hi, EVEN: tl.constexpr):
+        """Running elementwise min and max of x, ignoring masked-off lanes."""
+        if EVEN:
+            return tl.minimum(lo, x), tl.maximum(hi, x)
+        else:
+            return tl.minimum(lo, tl.where(mask, x, float("inf"))), tl.maximum(hi, tl.where(mask, x, float("-inf")))
+
+    @triton.jit
+    def _gain(lo, hi, sigma):
+        """(gain, floor) with sigma (1 - minmax(x)) = (hi - x) * gain + floor: exactly 0 at the
+        maximum (the reference's (hi - lo) / (hi - lo) is exactly 1), and a constant slice's
+        minmax = 0 (the full sigma, as minmax() does) without a division by zero."""
+        span = hi - lo
+        gain = tl.where(span > 0, sigma / tl.where(span > 0, span, 1.0), 0.0)
+        return gain, tl.where(span > 0, 0.0, sigma)
+
+    @triton.jit
+    def _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
+                 ga, gb, va, vb, seed, EVEN: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr):
+        """Write z_tilde for the column pairs (a, P + a) of one row: element a takes the cos and
+        sin of the pair's first Box-Muller draw as (n1, n2), element P + a the second's."""
+        r64 = tl.cast(row, tl.int64)
+        a64 = a.to(tl.int64)  # strided (e.g. transposed) inputs: offsets past 2^31
+        b64 = a64 + P
+        za = _load(z_ptr + r64 * stride_zb + a64 * stride_zd, ma, EVEN)
+        zb = _load(z_ptr + r64 * stride_zb + b64 * stride_zd, mb, EVEN)
+        # Counter = (row, column pair): the same seed gives the same noise for any block shape.
+        n1a, n2a, n1b, n2b = _normals(seed, row * P + a, FAST, ROUNDS)
+        out_a = za + ga * n1a + va * n2a                                  # z + eps_g + eps_v
+        out_b = zb + gb * n1b + vb * n2b
+        dt = out_ptr.dtype.element_ty
+        if EVEN:
+            tl.store(out_ptr + r64 * stride_ob + a64, out_a.to(dt))
+            tl.store(out_ptr + r64 * stride_ob + b64, out_b.to(dt))
+        else:
+            tl.store(out_ptr + r64 * stride_ob + a64, out_a.to(dt), mask=ma)
+            tl.store(out_ptr + r64 * stride_ob + b64, out_b.to(dt), mask=mb)
+
+    @triton.jit
+    def _dual_noise_kernel(z_ptr, s_ptr, v_ptr, out_ptr, B, D, P,
                            stride_zb, stride_zd, stride_sb, stride_sd, stride_v, stride_ob,
                            sigma_g, sigma_v, lam, seed,
-                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr):
-        """ROWS rows per program; v_bar's min-max and v_hat are computed once per program."""
+                           HALF: tl.constexpr, SINGLE: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
+                           ROUNDS: tl.constexpr):
+        """Rows pid, pid + programs, ...; column j is paired with P + j (P = ceil(d / 2)), HALF
+        pairs at a time. SINGLE: one block covers the row, so s and the per-column eps_v scale
+        stay in registers. EVEN: d = 2 P and HALF divides P, no masks."""
         # Python floats arrive as fp64 from inductor-generated launches: compute in fp32 as the
         # reference does (v_bar.float() < lam compares in float32).
-        sigma_g = tl.cast(sigma_g, tl.float32)
-        sigma_v = tl.cast(sigma_v, tl.float32)
+        sigma_g = tl.cast(sigma_g, tl.float32) * _SQRT_2_LN2      # see _normals
+        sigma_v = tl.cast(sigma_v, tl.float32) * _SQRT_2_LN2
         lam = tl.cast(lam, tl.float32)
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        rmask = rows < B
-        rows64 = rows.to(tl.int64)
-        cols = tl.arange(0, BLOCK_D)
-        cols64 = cols.to(tl.int64)  # strided (e.g. transposed) inputs: offsets past 2^31
-        half = tl.arange(0, BLOCK_D // 2)
+        j = tl.arange(0, HALF)
 
-        # Pass 1: per-row min/max of s (Eq. 4) and min/max of v_bar over d (Eq. 6). Rows up to
-        # BLOCK_D wide are loaded once and kept in registers for pass 2 (SINGLE).
-        if SINGLE:
-            cm = cols < D
-            m2 = rmask[:, None] & cm[None, :]
-            s = tl.load(s_ptr + rows64[:, None] * stride_sb + cols64[None, :] * stride_sd, mask=m2, other=0.0)
-            s = s.to(tl.float32)
-            v = tl.load(v_ptr + cols64 * stride_v, mask=cm, other=0.0).to(tl.float32)
-            s_lo_v = tl.where(m2, s, float("inf"))
-            s_hi_v = tl.where(m2, s, float("-inf"))
-            v_lo_v = tl.where(cm, v, float("inf"))
-            v_hi_v = tl.where(cm, v, float("-inf"))
-        else:
-            s_lo_v = tl.full([ROWS, BLOCK_D], float("inf"), tl.float32)
-            s_hi_v = tl.full([ROWS, BLOCK_D], float("-inf"), tl.float32)
-            v_lo_v = tl.full([BLOCK_D], float("inf"), tl.float32)
-            v_hi_v = tl.full([BLOCK_D], float("-inf"), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                c = d0 + cols
-                c64 = c.to(tl.int64)
-                cm = c < D
-                m2 = rmask[:, None] & cm[None, :]
-                sw = tl.load(s_ptr + rows64[:, None] * stride_sb + c64[None, :] * stride_sd, mask=m2, other=0.0)
-                sw = sw.to(tl.float32)
-                vw = tl.load(v_ptr + c64 * stride_v, mask=cm, other=0.0).to(tl.float32)
-                s_lo_v = tl.minimum(s_lo_v, tl.where(m2, sw, float("inf")))
-                s_hi_v = tl.maximum(s_hi_v, tl.where(m2, sw, float("-inf")))
-                v_lo_v = tl.minimum(v_lo_v, tl.where(cm, vw, float("inf")))
-                v_hi_v = tl.maximum(v_hi_v, tl.where(cm, vw, float("-inf")))
-        s_lo = tl.where(rmask, tl.min(s_lo_v, axis=1), 0.0)[:, None]  # rows past B: no inf - inf
-        s_hi = tl.where(rmask, tl.max(s_hi_v, axis=1), 0.0)[:, None]
-        s_span = s_hi - s_lo
-        s_inv = tl.where(s_span > 0, 1.0 / tl.where(s_span > 0, s_span, 1.0), 0.0)
-        s_top = tl.where(s_span > 0, 1.0, 0.0)
-        v_lo = tl.min(v_lo_v, axis=0)
-        v_hi = tl.max(v_hi_v, axis=0)
-        v_span = v_hi - v_lo
-        v_inv = tl.where(v_span > 0, 1.0 / tl.where(v_span > 0, v_span, 1.0), 0.0)
-        v_top = tl.where(v_span > 0, 1.0, 0.0)
-        pairs_per_row = (D + 1) // 2
+        # eps_v's per-column scale (Eq. 6) needs v_bar's min and max over d: once per program.
+        v_lo = tl.full([HALF], float("inf"), tl.float32)
+        v_hi = tl.full([HALF], float("-inf"), tl.float32)
+        for j0 in range(0, P, HALF):
+            a = j0 + j
+            ma = a < P
+            mb = a + P < D
+            v_lo, v_hi = _lo_hi(_load(v_ptr + a.to(tl.int64) * stride_v, ma, EVEN), ma, v_lo, v_hi, EVEN)
+            v_lo, v_hi = _lo_hi(_load(v_ptr + (a.to(tl.int64) + P) * stride_v, mb, EVEN), mb, v_lo, v_hi, EVEN)
+        vlo, vhi = tl.min(v_lo, axis=0), tl.max(v_hi, axis=0)
+        v_gain, v_floor = _gain(vlo, vhi, sigma_v)
+        if SINGLE:  # the per-column scales, kept for every row
+            ma = j < P
+            mb = j + P < D
+            vca = _load(v_ptr + j.to(tl.int64) * stride_v, ma, EVEN)
+            vcb = _load(v_ptr + (j.to(tl.int64) + P) * stride_v, mb, EVEN)
+            va = tl.where(vca < lam, (vhi - vca) * v_gain + v_floor, 0.0)
+            vb = tl.where(vcb < lam, (vhi - vcb) * v_gain + v_floor, 0.0)
 
-        # Pass 2. (Triton scopes names bound inside a loop body to it: the wide-row loads get
-        # their own names, sc/vc, bound in both branches of the compile-time `if`.)
-        for d0 in range(0, D, BLOCK_D):
-            c = d0 + cols
-            c64 = c.to(tl.int64)
-            cm = c < D
-            m2 = rmask[:, None] & cm[None, :]
+        for row in range(tl.program_id(0), B, tl.num_programs(0)):
+            s_row = s_ptr + tl.cast(row, tl.int64) * stride_sb
             if SINGLE:
-                sc = s
-                vc = v
-            else:  # wide rows: re-read s and v_bar (cache hits)
-                sc = tl.load(s_ptr + rows64[:, None] * stride_sb + c64[None, :] * stride_sd, mask=m2, other=0.0)
-                sc = sc.to(tl.float32)
-                vc = tl.load(v_ptr + c64 * stride_v, mask=cm, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows64[:, None] * stride_zb + c64[None, :] * stride_zd, mask=m2, other=0.0)
-            # (x - lo) / span, with the maximum mapped to exactly 1 so that its dim gets exactly
-            # no noise, and a constant row to 0 (full noise), as minmax() does.
-            s_hat = tl.where(sc == s_hi, s_top, (sc - s_lo) * s_inv)
-            v_hat = tl.where(vc == v_hi, v_top, (vc - v_lo) * v_inv)
-            # Counter = (row, column pair): the same seed gives the same noise for any block shape.
-            pair = rows[:, None] * pairs_per_row + (d0 // 2 + half)[None, :]
-            n1, n2 = _normals(seed, pair, FAST)
-            eps_g = sigma_g * (1.0 - s_hat) * n1                                                # Eq. 5
-            eps_v = tl.where((vc < lam)[None, :], (sigma_v * (1.0 - v_hat))[None, :] * n2, 0.0)  # Eq. 6
-            out = z.to(tl.float32) + eps_g + eps_v
-            tl.store(out_ptr + rows64[:, None] * stride_ob + c[None, :], out.to(out_ptr.dtype.element_ty), mask=m2)
+                ma = j < P
+                mb = j + P < D
+                sa = _load(s_row + j.to(tl.int64) * stride_sd, ma, EVEN)
+                sb = _load(s_row + (j.to(tl.int64) + P) * stride_sd, mb, EVEN)
+                s_lo, s_hi = _lo_hi(sa, ma, tl.full([HALF], float("inf"), tl.float32),
+                                    tl.full([HALF], float("-inf"), tl.float32), EVEN)
+                s_lo, s_hi = _lo_hi(sb, mb, s_lo, s_hi, EVEN)
+                slo, shi = tl.min(s_lo, axis=0), tl.max(s_hi, axis=0)
+                g_gain, g_floor = _gain(slo, shi, sigma_g)                       # Eq. 4-5
+                _perturb(z_ptr, out_ptr, row, j, P, ma, mb, stride_zb, stride_zd, stride_ob,
+                         (shi - sa) * g_gain + g_floor, (shi - sb) * g_gain + g_floor, va, vb, seed, EVEN, FAST, ROUNDS)
+            else:  # wide rows: a pass for s's min and max, then re-read s and v_bar (cache hits)
+                s_lo = tl.full([HALF], float("inf"), tl.float32)
+                s_hi = tl.full([HALF], float("-inf"), tl.float32)
+                for j0 in range(0, P, HALF):
+                    a = j0 + j
+                    ma = a < P
+                    mb = a + P < D
+                    s_lo, s_hi = _lo_hi(_load(s_row + a.to(tl.int64) * stride_sd, ma, EVEN), ma, s_lo, s_hi, EVEN)
+                    s_lo, s_hi = _lo_hi(_load(s_row + (a.to(tl.int64) + P) * stride_sd, mb, EVEN), mb, s_lo, s_hi, EVEN)
+                slo, shi = tl.min(s_lo, axis=0), tl.max(s_hi, axis=0)
+                g_gain, g_floor = _gain(slo, shi, sigma_g)
+                for j0 in range(0, P, HALF):
+                    a = j0 + j
+                    ma = a < P
+                    mb = a + P < D
+                    wa = _load(s_row + a.to(tl.int64) * stride_sd, ma, EVEN)
+                    wb = _load(s_row + (a.to(tl.int64) + P) * stride_sd, mb, EVEN)
+                    ua = _load(v_ptr + a.to(tl.int64) * stride_v, ma, EVEN)
+                    ub = _load(v_ptr + (a.to(tl.int64) + P) * stride_v, mb, EVEN)
+                    _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
+                             (shi - wa) * g_gain + g_floor, (shi - wb) * g_gain + g_floor,
+                             tl.where(ua < lam, (vhi - ua) * v_gain + v_floor, 0.0),
+                             tl.where(ub < lam, (vhi - ub) * v_gain + v_floor, 0.0), seed, EVEN, FAST, ROUNDS)
 
     def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
                 lam: float, seed: int) -> torch.Tensor:
@@ -185,15 +228,16 @@ if HAS_TRITON:
         out = torch.empty((b, d), device=z.device, dtype=z.dtype)
         if b == 0 or skip_launch(z, s, v_bar):
             return out
-        block = max(2, min(triton.next_power_of_2(d), MAX_SINGLE_BLOCK))  # even: whole pairs
-        rows = TUNING["rows"]
-        fast = TUNING["fast"] and not INTERPRET
-        wrap_triton(_dual_noise_kernel)[(triton.cdiv(b, rows),)](
-            z, s, v_bar, out, b, d,
+        pairs = (d + 1) // 2
+        half = max(1, min(triton.next_power_of_2(pairs), MAX_SINGLE_BLOCK // 2))
+        programs = min(b, num_sms(z.device) * TUNING["programs_per_sm"])
+        wrap_triton(_dual_noise_kernel)[(programs,)](
+            z, s, v_bar, out, b, d, pairs,
             z.stride(0), z.stride(1), s.stride(0), s.stride(1), v_bar.stride(0), out.stride(0),
             sigma_g, sigma_v, lam, seed,
-            ROWS=rows, BLOCK_D=block, SINGLE=d <= block, FAST=fast,
-            num_warps=TUNING["num_warps"] or (4 if block * rows <= 2048 else 8))
+            HALF=half, SINGLE=pairs <= half, EVEN=(d == 2 * pairs and pairs % half == 0),
+            FAST=TUNING["fast"] and not INTERPRET, ROUNDS=TUNING["philox_rounds"],
+            num_warps=TUNING["num_warps"] or (4 if half <= 1024 else 8))
         return out
 
     @torch.library.triton_op("fastsynth::dual_noise_fused", mutates_args=())
@@ -218,7 +262,7 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
             return dual_noise_reference(z, s, v_bar, sigma_g, sigma_v, lam, seed)
         if not (z.device == s.device == v_bar.device):
             raise ValueError(f"dual_noise: z, s, v_bar on different devices ({z.device}, {s.device}, {v_bar.device})")
-        if z.shape[0] * (z.shape[1] + 1) // 2 >= 2 ** 31:
+        if z.shape[0] * ((z.shape[1] + 1) // 2) >= 2 ** 31:
             raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
         seed = int(seed) % (2 ** 63)  # Philox keys are 64-bit; negative seeds wrap like torch's
         args = (z.detach(), s.detach(), v_bar.detach(), float(sigma_g), float(sigma_v), float(lam), seed)

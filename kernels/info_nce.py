@@ -22,7 +22,8 @@ MAX_C = 256  # a q row block and its accumulator live in registers
 # Launch configuration for C <= 128 (wider rows halve block_k and use 8 warps). programs_per_sm
 # sets how many (row block, queue split) programs share the GPU: more splits keep more SMs busy
 # but write more partial states (S x N x C floats). bench/gpu_bench.py sweeps these on a GPU.
-TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1}
+# merge_tile: floats of partial accumulators the merge reads as one tile (64 registers a thread).
+TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1, "merge_tile": 8192}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,11 +59,14 @@ if HAS_TRITON:
                                stride_qn, stride_qc, stride_un, stride_uc,
                                scale,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-                               NEED_GRAD: tl.constexpr, IEEE: tl.constexpr):
+                               NEED_GRAD: tl.constexpr, IEEE: tl.constexpr, EVEN: tl.constexpr):
         """One (row block, queue chunk): online max / sum / p-weighted queue sum over the chunk.
 
-        Logits are kept in log2 units (scale = log2(e) / tau) so exp2 replaces exp. Partial
-        states go to m, l: S x N and acc: S x N x C (float32), merged by the next kernel.
+        Logits are kept in log2 units (scale = log2(e) / tau > 0) so exp2 replaces exp; the max is
+        taken on the raw dots and scaled once per row, so each logit costs one multiply-add
+        (s * scale - max) before its exp2. EVEN: every chunk is whole tiles and C = BLOCK_C, so
+        the queue tiles need no masks. Partial states go to m, l: S x N and acc: S x N x C
+        (float32), merged by the next kernel.
         """
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -82,17 +86,21 @@ if HAS_TRITON:
         for j0 in range(start, end, BLOCK_K):
             keys = j0 + tl.arange(0, BLOCK_K)
             kmask = keys < end
-            t = tl.load(u_ptr + keys[:, None] * stride_un + cols[None, :] * stride_uc,
-                        mask=kmask[:, None] & cmask[None, :], other=0.0)          # BLOCK_K x BLOCK_C
+            if EVEN:
+                t = tl.load(u_ptr + keys[:, None] * stride_un + cols[None, :] * stride_uc)
+            else:
+                t = tl.load(u_ptr + keys[:, None] * stride_un + cols[None, :] * stride_uc,
+                            mask=kmask[:, None] & cmask[None, :], other=0.0)               # BLOCK_K x BLOCK_C
             t = t.to(q.dtype)  # a float32 queue under bf16 autocast: the dots run in q's dtype
             if IEEE:
                 s = tl.dot(q, tl.trans(t), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(t))
-            s = tl.where(kmask[None, :], s * scale, float("-inf"))                # BLOCK_N x BLOCK_K
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))                            # finite: >= 1 key
+            if not EVEN:
+                s = tl.where(kmask[None, :], s, float("-inf"))                            # BLOCK_N x BLOCK_K
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)                            # finite: >= 1 key
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            p = tl.exp2(s * scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if NEED_GRAD:
                 if IEEE:
@@ -113,42 +121,43 @@ if HAS_TRITON:
                                N, C, S,
                                stride_qn, stride_qc, stride_kn, stride_kc,
                                scale, grad_scale,
-                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NEED_GRAD: tl.constexpr):
-        """Merge the S partial states with the positive logit; per-row loss and dL/dq."""
-        pid = tl.program_id(0)
+                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, NEED_GRAD: tl.constexpr):
+        """One row: merge its S partial states with the positive logit; the row's loss and dL/dq.
+
+        The splits are read BLOCK_S at a time as one tile, not one after another: a chain of S
+        dependent loads would make the merge's time grow with the number of splits.
+        """
+        row = tl.program_id(0)
         scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64
         grad_scale = tl.cast(grad_scale, tl.float32)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_C)
-        rmask = rows < N
-        mask2 = rmask[:, None] & (cols < C)[None, :]
-        q = tl.load(q_ptr + rows[:, None] * stride_qn + cols[None, :] * stride_qc, mask=mask2, other=0.0)
-        kk = tl.load(k_ptr + rows[:, None] * stride_kn + cols[None, :] * stride_kc, mask=mask2, other=0.0)
-        kk = kk.to(tl.float32)
-        pos = tl.sum(q.to(tl.float32) * kk, axis=1) * scale                       # l_i0, log2 units
+        cmask = cols < C
+        splits = tl.arange(0, BLOCK_S)
+        q = tl.load(q_ptr + row * stride_qn + cols * stride_qc, mask=cmask, other=0.0).to(tl.float32)
+        kk = tl.load(k_ptr + row * stride_kn + cols * stride_kc, mask=cmask, other=0.0).to(tl.float32)
+        pos = tl.sum(q * kk, axis=0) * scale                                     # l_i0, log2 units
 
-        # The positive logit starts the running state: weight 1 at max = pos.
-        m_i = pos
-        l_i = tl.full([BLOCK_N], 1.0, tl.float32)
-        acc = kk
-        for s in range(0, S):
-            off = s * N + rows
-            m_s = tl.load(m_ptr + off, mask=rmask, other=0.0)
-            l_s = tl.load(l_ptr + off, mask=rmask, other=0.0)
-            m_new = tl.maximum(m_i, m_s)
-            a = tl.exp2(m_i - m_new)
-            b = tl.exp2(m_s - m_new)
-            l_i = l_i * a + l_s * b
+        m_all = pos                                     # the positive logit is one more state
+        for s0 in range(0, S, BLOCK_S):
+            m_s = tl.load(m_ptr + (s0 + splits) * N + row, mask=s0 + splits < S, other=float("-inf"))
+            m_all = tl.maximum(m_all, tl.max(m_s, axis=0))
+        l_all = tl.exp2(pos - m_all)
+        acc = kk * l_all
+        for s0 in range(0, S, BLOCK_S):
+            smask = s0 + splits < S
+            off = (s0 + splits) * N + row
+            w = tl.exp2(tl.load(m_ptr + off, mask=smask, other=float("-inf")) - m_all)   # 0 past S
+            l_all += tl.sum(w * tl.load(l_ptr + off, mask=smask, other=0.0), axis=0)
             if NEED_GRAD:
-                acc_s = tl.load(acc_ptr + off[:, None] * C + cols[None, :], mask=mask2, other=0.0)
-                acc = acc * a[:, None] + acc_s * b[:, None]
-            m_i = m_new
+                acc_s = tl.load(acc_ptr + off[:, None] * C + cols[None, :], mask=smask[:, None] & cmask[None, :],
+                                other=0.0)
+                acc += tl.sum(w[:, None] * acc_s, axis=0)
 
-        loss = (m_i + tl.log2(l_i) - pos) * 0.6931471805599453                   # (lse - l_i0), ln 2 units
-        tl.store(loss_ptr + rows, loss, mask=rmask)
+        loss = (m_all + tl.log2(l_all) - pos) * 0.6931471805599453               # (lse - l_i0), ln 2 units
+        tl.store(loss_ptr + row, loss)
         if NEED_GRAD:
-            grad = (acc / l_i[:, None] - kk) * grad_scale
-            tl.store(grad_ptr + rows[:, None] * C + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask2)
+            grad = (acc / l_all - kk) * grad_scale
+            tl.store(grad_ptr + row * C + cols, grad.to(grad_ptr.dtype.element_ty), mask=cmask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,12 +193,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, n
         q, queue, m, lsum, acc, n, kq, c, chunk,
         q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), scale,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, NEED_GRAD=need_grad, IEEE=ieee,
+        EVEN=(kq % chunk == 0 and c == block_c),
         num_warps=warps, num_stages=1 if INTERPRET else TUNING["num_stages"])
-    merge_n = 16
-    wrap_triton(_info_nce_merge_kernel)[(triton.cdiv(n, merge_n),)](
+    # One program per row, reading its partial states a tile of block_s splits at a time.
+    block_s = min(triton.next_power_of_2(splits), max(1, TUNING["merge_tile"] // block_c))
+    wrap_triton(_info_nce_merge_kernel)[(n,)](
         q, k, m, lsum, acc, rows_loss, grad, n, c, splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, 1.0 / (tau * n),
-        BLOCK_N=merge_n, BLOCK_C=block_c, NEED_GRAD=need_grad, num_warps=4)
+        BLOCK_S=block_s, BLOCK_C=block_c, NEED_GRAD=need_grad, num_warps=4)
     return rows_loss, grad
 
 
@@ -224,6 +235,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     accumulation, softmax state and loss; dL/dq comes back in q's dtype.
     """
     _check(q, k, queue)
+    if not tau > 0:  # a temperature; the kernel also relies on it to scale the max, not every logit
+        raise ValueError(f"info_nce: tau must be > 0, got {tau}")
     if resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL) == "torch":
         return info_nce_reference(q, k, queue, tau)
     if q.shape[1] > MAX_C:

@@ -61,7 +61,9 @@ def test_reference_matches_float64(n, k, c, dtype):
     _check_against_float64(*_inputs(n, k, c, dtype, seed=n + k), tau=0.2, impl="torch", dtype=dtype)
 
 
-@pytest.mark.parametrize("n,k,c", [(1, 1, 1), (37, 1023, 128), (5, 77, 19), (70, 300, 200), (17, 2000, 256)])
+# (64, 1024, 32): whole tiles in every split and C a power of two, the kernel's unmasked path.
+@pytest.mark.parametrize("n,k,c", [(1, 1, 1), (37, 1023, 128), (5, 77, 19), (70, 300, 200), (17, 2000, 256),
+                                   (64, 1024, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF_DTYPES)
 def test_triton_matches_float64(n, k, c, dtype, kdev, poison):
     _check_against_float64(*_inputs(n, k, c, dtype, seed=n + k, device=kdev), tau=0.2, impl="triton", dtype=dtype)
@@ -95,16 +97,19 @@ def test_triton_non_contiguous_inputs(kdev, poison):
 
 
 def test_triton_multiple_splits(kdev, monkeypatch):
-    """Force many queue splits (more partial states to merge) and compare with one split."""
+    """Force many queue splits (more partial states to merge) and compare with one split; then
+    merge the 47 splits two at a time (24 tiles, the last half empty)."""
     q, key, queue = _inputs(20, 3000, 64, torch.float32, seed=6, device=kdev)
     grads = []
-    for sms in (1, 64):
+    for sms, merge_tile in ((1, 8192), (64, 8192), (64, 128)):
         monkeypatch.setattr(mod, "num_sms", lambda _dev, s=sms: s)
+        monkeypatch.setitem(mod.TUNING, "merge_tile", merge_tile)
         qq = q.clone().requires_grad_(True)
         info_nce(qq, key, queue, 0.2, impl="triton").backward()
         grads.append(qq.grad)
+        _check_against_float64(q, key, queue, 0.2, "triton", torch.float32)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
-    _check_against_float64(q, key, queue, 0.2, "triton", torch.float32)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -153,6 +158,10 @@ def test_bad_shapes_and_impl(kdev):
         info_nce(q, key, queue, 0.2, impl="cuda")
     with pytest.raises(ValueError, match="empty"):
         info_nce(q, key, queue[:0], 0.2)
+    for impl in ("torch", "triton"):
+        for tau in (0.0, -0.2, float("nan")):
+            with pytest.raises(ValueError, match="tau must be > 0"):
+                info_nce(q.to(kdev), key.to(kdev), queue.to(kdev), tau, impl=impl)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         info_nce(q.to(kdev), key.to(kdev).double(), queue.to(kdev), 0.2, impl="triton")
     big = _inputs(2, 3, 300, torch.float32, device=kdev)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -32,3 +33,25 @@ def test_all_kernels_compile_for_sm90():
     assert results and len(results) >= 13, proc.stdout + proc.stderr
     assert not failed, "\n".join(f"{r['case']}:\n{r['error']}" for r in failed)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton has no NVIDIA backend to compile with")
+def test_sass_census_reads_the_launches_a_gpu_would_compile():
+    """bench/sass_census.py specialises like the JIT: contiguous bfloat16 rows are moved 16 bytes
+    per instruction (a stride left unspecialised would give 2-byte loads), and it finds the
+    per-row loop of dual_noise's persistent programs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "sass_census.py")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "census.json")
+        proc = subprocess.run([sys.executable, script, "dual_noise B=8192 d=2048 z=bf", "--json", out],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        with open(out) as f:
+            (r,) = json.load(f)["kernels"]
+    assert r["kernel"] == "_dual_noise_kernel" and r["regs"] > 0
+    assert r["grid"][0] < 8192                                 # programs walk over rows
+    assert set(r["memory_ops"]) == {"LDG.E.128", "STG.E.128"}
+    assert 0 < r["loop_body"] < r["instructions"]
+    assert r["loop_families"]["MUFU"] >= 64                  # Box-Muller: 16 elements a thread, 4 MUFU each
