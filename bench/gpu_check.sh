@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine, offline: (a) environment, (b) the kernel tests on real hardware,
 # (c) bench/gpu_bench.py timings. Installs nothing from the network. Each step has its own
-# timeout (worst case about 7.5 minutes in all) and the script goes on after a failure. Without
-# CUDA it records the environment and exits 0: there is nothing to check.
+# timeout, cut so that the whole run ends within DEADLINE seconds (default 480), and the script
+# goes on after a failure. Without CUDA it records the environment and exits 0: there is
+# nothing to check.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh      # files go flat into $OUT (default ./gpu_out)
 #
@@ -10,6 +11,7 @@
 #   and, with PROFILE=1, profile_<impl>_<data>.json/.log (the full training step, issue 4)
 #
 #   PROFILE=1 SKIP_KERNELS=1 bash bench/gpu_check.sh   # the full-step comparison only
+#   PROFILE=1 SKIP_PBENCH=1 DEADLINE=540 bash ...     # kernels, then as much of the full step as fits
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-./gpu_out}"
@@ -27,7 +29,16 @@ SKIP_KERNELS="${SKIP_KERNELS:-0}"   # 1: skip steps b-d (kernel tests and timing
 PROFILE="${PROFILE:-0}"             # 1: step e, the full step of both paths (ResNet-50, 224 px, batch 128)
 PROFILE_STEPS="${PROFILE_STEPS:-20}"
 T_PROFILE=150
-step() { echo; echo "== $* ($(date +%T))"; }
+# The whole script stays within DEADLINE seconds (device time is scarce): each step's timeout is
+# cut to what is left, so a late step is stopped rather than the call. Steps run in order a-e.
+DEADLINE="${DEADLINE:-480}"
+START=$(date +%s)
+budget() {  # budget T: T, or the seconds left before the deadline (at least 5) if fewer
+    local left=$(( DEADLINE - ($(date +%s) - START) - 10 ))
+    [ "$left" -lt 5 ] && left=5
+    [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
+step() { echo; echo "== $* ($(date +%T), $(( $(date +%s) - START )) s of $DEADLINE)"; }
 
 step "a. environment -> $OUT/env.json"
 timeout -k 5 "$T_ENV" "$PY" - "$OUT/env.json" "$REPO" <<'EOF'
@@ -74,7 +85,7 @@ fi
 # fails, a temporary tree with the same layout, from which the tests and benchmark then run.
 step "install (offline) -> $OUT/install.log"
 WORK="$REPO"
-if timeout -k 5 "$T_INSTALL" "$PY" -m pip install --no-index --no-deps --no-build-isolation -e "$REPO" \
+if timeout -k 5 "$(budget "$T_INSTALL")" "$PY" -m pip install --no-index --no-deps --no-build-isolation -e "$REPO" \
         >"$OUT/install.log" 2>&1 \
    && (cd /tmp && "$PY" -c "import fastsynth.kernels.info_nce") >>"$OUT/install.log" 2>&1 \
    && (cd "$REPO" && "$PY" -c "import fastsynth.kernels.info_nce") >>"$OUT/install.log" 2>&1; then
@@ -98,7 +109,7 @@ if [ "$SKIP_KERNELS" = 1 ]; then
     echo "SKIP_KERNELS=1: steps b-d skipped"
 elif "$PY" -c "import pytest" 2>/dev/null; then
     # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
-    timeout -k 10 "$T_TESTS" "$PY" -m pytest $GPU_TESTS -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    timeout -k 10 "$(budget "$T_TESTS")" "$PY" -m pytest $GPU_TESTS -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
     tests_rc=$?
     tail -n 15 "$OUT/tests.log"
 else
@@ -108,14 +119,14 @@ fi
 step "c. timings -> $OUT/bench.json, $OUT/bench.log"
 if [ "$SKIP_KERNELS" != 1 ]; then
     # shellcheck disable=SC2086
-    timeout -k 10 "$T_BENCH" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
+    timeout -k 10 "$(budget "$T_BENCH")" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
     bench_rc=${PIPESTATUS[0]}
 fi
 
 step "d. pytest-benchmark suites, short -> $OUT/pytest_bench.json"
 pbench_rc=skipped
 if [ "$SKIP_PBENCH" != 1 ] && [ "$SKIP_KERNELS" != 1 ] && "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-    timeout -k 10 "$T_PBENCH" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
+    timeout -k 10 "$(budget "$T_PBENCH")" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
         --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -n 25
     pbench_rc=${PIPESTATUS[0]}
 fi
@@ -132,7 +143,7 @@ if [ "$PROFILE" = 1 ]; then
                "reference loader --loader torch"; do
         set -- $run
         impl=$1 data=$2; shift 2
-        timeout -k 10 "$T_PROFILE" "$PY" -m fastsynth.profile --preset paper --impl "$impl" --data "$data" \
+        timeout -k 10 "$(budget "$T_PROFILE")" "$PY" -m fastsynth.profile --preset paper --impl "$impl" --data "$data" \
             --steps "$PROFILE_STEPS" --warmup-steps 5 --workers 8 --json "$OUT/profile_${impl}_${data}.json" "$@" \
             >"$OUT/profile_${impl}_${data}.log" 2>&1 || profile_rc=$?
         tail -n 18 "$OUT/profile_${impl}_${data}.log"
