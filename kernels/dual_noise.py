@@ -94,8 +94,10 @@ if HAS_TRITON:
         th_a = _unit_interval(r2) * 6.283185307179586 - 9.42477796076938
         th_b = _unit_interval(r4) * 6.283185307179586 - 9.42477796076938
         if FAST:
-            rad_a = tl.sqrt(-libdevice.fast_log2f(u_a))
-            rad_b = tl.sqrt(-libdevice.fast_log2f(u_b))
+            # The approximate log2's absolute error (about 2^-22 near 1) exceeds -log2(1 - 2^-23):
+            # without the clamp, u just below 1 could give sqrt of a negative number, NaN.
+            rad_a = tl.sqrt(tl.maximum(-libdevice.fast_log2f(u_a), 0.0))
+            rad_b = tl.sqrt(tl.maximum(-libdevice.fast_log2f(u_b), 0.0))
             return (rad_a * libdevice.fast_cosf(th_a), rad_a * libdevice.fast_sinf(th_a),
                     rad_b * libdevice.fast_cosf(th_b), rad_b * libdevice.fast_sinf(th_b))
         else:
@@ -272,5 +274,7 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
 def _check(z, s, v_bar):
     if z.dim() != 2 or s.shape != z.shape:
         raise ValueError(f"dual_noise: z and s must both be B x d, got {tuple(z.shape)} and {tuple(s.shape)}")
+    if z.shape[1] == 0:
+        raise ValueError("dual_noise: d = 0, a feature vector without dimensions")
     if v_bar.shape != (z.shape[1],):
         raise ValueError(f"dual_noise: v_bar must have shape ({z.shape[1]},), got {tuple(v_bar.shape)}")

@@ -11,6 +11,8 @@ V = K); backward only scales it by the incoming gradient.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.library import wrap_triton
@@ -235,8 +237,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     accumulation, softmax state and loss; dL/dq comes back in q's dtype.
     """
     _check(q, k, queue)
-    if not tau > 0:  # a temperature; the kernel also relies on it to scale the max, not every logit
-        raise ValueError(f"info_nce: tau must be > 0, got {tau}")
+    if not 0 < tau < math.inf:  # a temperature; the kernel scales the max, not every logit, by 1 / tau
+        raise ValueError(f"info_nce: tau must be > 0 and finite, got {tau}")
     if resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL) == "torch":
         return info_nce_reference(q, k, queue, tau)
     if q.shape[1] > MAX_C:

@@ -33,20 +33,28 @@ def cases():
     nce, dn, fb = _mod("info_nce"), _mod("dual_noise"), _mod("feature_bank")
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     out = []
-    # q / queue dtypes, gradient, Python floats as fp32 (eager) or fp64 (inductor), C
-    for qt, ut, grad, flt, c in ((bf16, bf16, True, "fp32", 128), (bf16, bf16, False, "fp32", 128),
-                                 (fp16, fp32, True, "fp32", 128), (fp32, fp32, True, "fp32", 128),
-                                 (bf16, bf16, True, "fp64", 128), (bf16, bf16, True, "fp32", 256)):
-        q, u = _meta(256, c, dtype=qt), _meta(65536, c, dtype=ut)
-        out.append((f"info_nce q={qt} queue={ut} grad={grad} floats={flt} C={c}", nce,
+    # q / queue dtypes, gradient, Python floats as fp32 (eager) or fp64 (inductor), C, N (8192: one
+    # split, the merge's tile of one), K (65535: masked tiles)
+    for qt, ut, grad, flt, c, n, k in ((bf16, bf16, True, "fp32", 128, 256, 65536),
+                                       (bf16, bf16, False, "fp32", 128, 256, 65536),
+                                       (fp16, fp32, True, "fp32", 128, 256, 65535),
+                                       (fp32, fp32, True, "fp32", 128, 256, 65536),
+                                       (bf16, bf16, True, "fp64", 128, 256, 65536),
+                                       (bf16, bf16, True, "fp32", 256, 256, 65536),
+                                       (bf16, bf16, True, "fp32", 128, 8192, 4096)):
+        q, u = _meta(n, c, dtype=qt), _meta(k, c, dtype=ut)
+        out.append((f"info_nce q={qt} queue={ut} grad={grad} floats={flt} C={c} N={n} K={k}", nce,
                     lambda q=q, u=u, grad=grad: nce._launch(q, q, u, 0.2, grad), flt, {}))
     # z dtype, shape, transposed, floats, seed, exact functions: the even single-block row, odd and
-    # wide rows (masks, the chunked path), strided inputs, large seeds (i64), inductor's fp64
+    # wide rows (masks, the chunked path), even wide rows, a row of one pair, strided inputs, large
+    # seeds (i64), a seed of 1 (the JIT makes it a constant), inductor's fp64
     for zt, (b, d), trans, flt, seed, fast in ((bf16, (8192, 2048), False, "fp32", 0, True),
                                                (fp32, (8192, 2048), False, "fp32", 0, True),
                                                (bf16, (128, 301), True, "fp32", 2 ** 40, False),
                                                (bf16, (64, 10001), False, "fp64", 2 ** 40, True),
-                                               (fp16, (64, 10000), True, "fp32", 7, False)):
+                                               (fp16, (64, 10000), True, "fp32", 7, False),
+                                               (bf16, (64, 8192), False, "fp32", 1, True),
+                                               (fp32, (3, 2), False, "fp32", 5, True)):
         z = _meta(d, b, dtype=zt).t() if trans else _meta(b, d, dtype=zt)
         s = _meta(d, b).t() if trans else _meta(b, d)
         out.append((f"dual_noise z={zt} B={b} d={d} transposed={trans} floats={flt} seed={seed} fast={fast}", dn,

@@ -54,6 +54,24 @@ def test_triton_noise_independent_of_block_shape(kdev, monkeypatch, poison):
     assert torch.equal(walking, one_row_each) and torch.equal(chunked, one_row_each)
 
 
+def test_triton_even_rows_single_and_chunked_agree(kdev, monkeypatch, poison):
+    """d = 256: whole blocks, no masks (EVEN), in one block of 128 pairs and in chunks of 64."""
+    g = torch.Generator().manual_seed(3)
+    z, s, v = (t.to(kdev) for t in (torch.randn(5, 256, generator=g), torch.rand(5, 256, generator=g),
+                                    torch.rand(256, generator=g)))
+    single = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=4, impl="triton")
+    monkeypatch.setattr(mod, "MAX_SINGLE_BLOCK", 128)
+    chunked = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=4, impl="triton")
+    assert torch.isfinite(single).all() and torch.equal(chunked, single)
+    # Column alignment without masks: eps_v exactly where v_bar < lam, eps_g nowhere on a row's
+    # top-scored dim, and zero sigmas give z back.
+    eps_v = dual_noise(z, s, v, 0.0, 0.7, 0.5, seed=4, impl="triton") - z
+    assert ((eps_v != 0) == (v < 0.5).expand_as(z)).all()
+    eps_g = dual_noise(z, s, v, 0.5, 0.0, 0.5, seed=4, impl="triton") - z
+    assert ((eps_g == 0) == (s == s.amax(dim=1, keepdim=True))).all()
+    assert torch.equal(dual_noise(z, s, v, 0.0, 0.0, 0.5, seed=4, impl="triton"), z)
+
+
 def test_triton_strided_inputs_read_through_strides(kdev, poison):
     """Transposed z and s, every other v_bar: the same numbers as contiguous copies."""
     b, d = 9, 301
@@ -195,3 +213,5 @@ def test_dtype_preserved_and_shape_checks():
             dual_noise(z, torch.rand(4, 8), torch.rand(7), 0.1, 0.1, 0.5, 0, impl=impl)
         with pytest.raises(ValueError, match="B x d"):
             dual_noise(z, torch.rand(3, 8), torch.rand(8), 0.1, 0.1, 0.5, 0, impl=impl)
+        with pytest.raises(ValueError, match="d = 0"):
+            dual_noise(z[:, :0], torch.rand(4, 0), torch.rand(0), 0.1, 0.1, 0.5, 0, impl=impl)

@@ -159,8 +159,8 @@ def test_bad_shapes_and_impl(kdev):
     with pytest.raises(ValueError, match="empty"):
         info_nce(q, key, queue[:0], 0.2)
     for impl in ("torch", "triton"):
-        for tau in (0.0, -0.2, float("nan")):
-            with pytest.raises(ValueError, match="tau must be > 0"):
+        for tau in (0.0, -0.2, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="tau must be > 0 and finite"):
                 info_nce(q.to(kdev), key.to(kdev), queue.to(kdev), tau, impl=impl)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         info_nce(q.to(kdev), key.to(kdev).double(), queue.to(kdev), 0.2, impl="triton")
