@@ -121,6 +121,25 @@ if HAS_TRITON:
             return tl.minimum(lo, tl.where(mask, x, float("inf"))), tl.maximum(hi, tl.where(mask, x, float("-inf")))
 
     @triton.jit
+    def _pairs_min_max(ptr, stride, P, D, HALF: tl.constexpr, EVEN: tl.constexpr):
+        """Min and max of a d-vector read as the column pairs (j, P + j), HALF pairs at a time."""
+        j = tl.arange(0, HALF)
+        lo = tl.full([HALF], float("inf"), tl.float32)
+        hi = tl.full([HALF], float("-inf"), tl.float32)
+        for j0 in range(0, P, HALF):
+            a = (j0 + j).to(tl.int64)
+            ma = a < P
+            mb = a + P < D
+            lo, hi = _lo_hi(_load(ptr + a * stride, ma, EVEN), ma, lo, hi, EVEN)
+            lo, hi = _lo_hi(_load(ptr + (a + P) * stride, mb, EVEN), mb, lo, hi, EVEN)
+        return tl.min(lo, axis=0), tl.max(hi, axis=0)
+
+    @triton.jit
+    def _v_scale(v, lam, vhi, v_gain, v_floor):
+        """eps_v's scale of a column (Eq. 6): sigma_v (1 - v_hat) where v_bar < lam, else 0."""
+        return tl.where(v < lam, (vhi - v) * v_gain + v_floor, 0.0)
+
+    @triton.jit
     def _gain(lo, hi, sigma):
         """(gain, floor) with sigma (1 - minmax(x)) = (hi - x) * gain + floor: exactly 0 at the
         maximum (the reference's (hi - lo) / (hi - lo) is exactly 1), and a constant slice's
@@ -168,23 +187,13 @@ if HAS_TRITON:
         j = tl.arange(0, HALF)
 
         # eps_v's per-column scale (Eq. 6) needs v_bar's min and max over d: once per program.
-        v_lo = tl.full([HALF], float("inf"), tl.float32)
-        v_hi = tl.full([HALF], float("-inf"), tl.float32)
-        for j0 in range(0, P, HALF):
-            a = j0 + j
-            ma = a < P
-            mb = a + P < D
-            v_lo, v_hi = _lo_hi(_load(v_ptr + a.to(tl.int64) * stride_v, ma, EVEN), ma, v_lo, v_hi, EVEN)
-            v_lo, v_hi = _lo_hi(_load(v_ptr + (a.to(tl.int64) + P) * stride_v, mb, EVEN), mb, v_lo, v_hi, EVEN)
-        vlo, vhi = tl.min(v_lo, axis=0), tl.max(v_hi, axis=0)
+        vlo, vhi = _pairs_min_max(v_ptr, stride_v, P, D, HALF, EVEN)
         v_gain, v_floor = _gain(vlo, vhi, sigma_v)
         if SINGLE:  # the per-column scales, kept for every row
             ma = j < P
             mb = j + P < D
-            vca = _load(v_ptr + j.to(tl.int64) * stride_v, ma, EVEN)
-            vcb = _load(v_ptr + (j.to(tl.int64) + P) * stride_v, mb, EVEN)
-            va = tl.where(vca < lam, (vhi - vca) * v_gain + v_floor, 0.0)
-            vb = tl.where(vcb < lam, (vhi - vcb) * v_gain + v_floor, 0.0)
+            va = _v_scale(_load(v_ptr + j.to(tl.int64) * stride_v, ma, EVEN), lam, vhi, v_gain, v_floor)
+            vb = _v_scale(_load(v_ptr + (j.to(tl.int64) + P) * stride_v, mb, EVEN), lam, vhi, v_gain, v_floor)
 
         for row in range(tl.program_id(0), B, tl.num_programs(0)):
             s_row = s_ptr + tl.cast(row, tl.int64) * stride_sb
@@ -201,15 +210,7 @@ if HAS_TRITON:
                 _perturb(z_ptr, out_ptr, row, j, P, ma, mb, stride_zb, stride_zd, stride_ob,
                          (shi - sa) * g_gain + g_floor, (shi - sb) * g_gain + g_floor, va, vb, seed, EVEN, FAST, ROUNDS)
             else:  # wide rows: a pass for s's min and max, then re-read s and v_bar (cache hits)
-                s_lo = tl.full([HALF], float("inf"), tl.float32)
-                s_hi = tl.full([HALF], float("-inf"), tl.float32)
-                for j0 in range(0, P, HALF):
-                    a = j0 + j
-                    ma = a < P
-                    mb = a + P < D
-                    s_lo, s_hi = _lo_hi(_load(s_row + a.to(tl.int64) * stride_sd, ma, EVEN), ma, s_lo, s_hi, EVEN)
-                    s_lo, s_hi = _lo_hi(_load(s_row + (a.to(tl.int64) + P) * stride_sd, mb, EVEN), mb, s_lo, s_hi, EVEN)
-                slo, shi = tl.min(s_lo, axis=0), tl.max(s_hi, axis=0)
+                slo, shi = _pairs_min_max(s_row, stride_sd, P, D, HALF, EVEN)
                 g_gain, g_floor = _gain(slo, shi, sigma_g)
                 for j0 in range(0, P, HALF):
                     a = j0 + j
@@ -221,8 +222,8 @@ if HAS_TRITON:
                     ub = _load(v_ptr + (a.to(tl.int64) + P) * stride_v, mb, EVEN)
                     _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
                              (shi - wa) * g_gain + g_floor, (shi - wb) * g_gain + g_floor,
-                             tl.where(ua < lam, (vhi - ua) * v_gain + v_floor, 0.0),
-                             tl.where(ub < lam, (vhi - ub) * v_gain + v_floor, 0.0), seed, EVEN, FAST, ROUNDS)
+                             _v_scale(ua, lam, vhi, v_gain, v_floor), _v_scale(ub, lam, vhi, v_gain, v_floor),
+                             seed, EVEN, FAST, ROUNDS)
 
     def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
                 lam: float, seed: int) -> torch.Tensor:
