@@ -197,9 +197,7 @@ if HAS_TRITON:
 
         for row in range(tl.program_id(0), B, tl.num_programs(0)):
             s_row = s_ptr + tl.cast(row, tl.int64) * stride_sb
-            if SINGLE:
-                ma = j < P
-                mb = j + P < D
+            if SINGLE:  # ma, mb: the masks set up with va, vb above
                 sa = _load(s_row + j.to(tl.int64) * stride_sd, ma, EVEN)
                 sb = _load(s_row + (j.to(tl.int64) + P) * stride_sd, mb, EVEN)
                 s_lo, s_hi = _lo_hi(sa, ma, tl.full([HALF], float("inf"), tl.float32),
