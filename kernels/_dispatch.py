@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.library import wrap_triton as _torch_wrap_triton
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -40,6 +41,17 @@ def resolve_impl(impl: str, device_type: str, has_triton_kernel: bool) -> str:
                 f"impl='triton' needs CUDA tensors, got {device_type} tensors; use impl='auto' or 'torch', "
                 "or set TRITON_INTERPRET=1 before importing fastsynth to simulate the kernels on the CPU")
     return impl
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, which makes a launch a node torch.compile can trace (in eager it
+    is the kernel itself). The interpreter's kernels are not `triton.jit` functions: torch 2.14
+    passes them through unchanged, torch 2.11 raises, so they skip it here on every version."""
+    if INTERPRET and HAS_TRITON:
+        from triton.runtime.jit import JITFunction
+        if not isinstance(kernel, JITFunction):
+            return kernel
+    return _torch_wrap_triton(kernel)
 
 
 def skip_launch(*tensors: torch.Tensor) -> bool:

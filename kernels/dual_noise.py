@@ -9,9 +9,8 @@ discriminative content and changes the rest.
 from __future__ import annotations
 
 import torch
-from torch.library import wrap_triton
 
-from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton
+from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton, wrap_triton
 
 HAS_TRITON_KERNEL = HAS_TRITON
 MAX_SINGLE_BLOCK = 4096  # rows up to this width are normalised and perturbed from registers

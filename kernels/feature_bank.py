@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.library import wrap_triton
 
-from ._dispatch import HAS_TRITON, resolve_impl, skip_launch, tl, triton
+from ._dispatch import HAS_TRITON, resolve_impl, skip_launch, tl, triton, wrap_triton
 
 HAS_TRITON_KERNEL = HAS_TRITON
 

@@ -15,9 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.library import wrap_triton
 
-from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton
+from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton, wrap_triton
 
 HAS_TRITON_KERNEL = HAS_TRITON
 MAX_C = 256  # a q row block and its accumulator live in registers
