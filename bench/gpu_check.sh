@@ -22,7 +22,7 @@ T_ENV=20 T_INSTALL=45 T_TESTS=180 T_BENCH=240 T_PBENCH=60
 export PYTHONUNBUFFERED=1
 # Overridable for a focused rerun: which tests, which benchmark cases, whether the short
 # pytest-benchmark pass runs.
-GPU_TESTS="${GPU_TESTS:-tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py tests/test_methods.py::test_step_with_triton_kernels_matches_reference}"
+GPU_TESTS="${GPU_TESTS:-tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py tests/test_methods.py::test_step_with_triton_kernels_matches_reference tests/test_methods.py::test_full_step_with_triton_kernels_and_no_noise_matches_reference}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 SKIP_PBENCH="${SKIP_PBENCH:-0}"
 SKIP_KERNELS="${SKIP_KERNELS:-0}"   # 1: skip steps b-d (kernel tests and timings)
