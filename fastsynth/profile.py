@@ -273,6 +273,9 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
                      "triton": _version("triton"), "dali": _version("nvidia.dali")},
         "arch": cfg.arch, "image_size": cfg.image_size, "batch_size": cfg.batch_size, "amp": cfg.amp,
         "autocast_dtype": _dtype_name(autocast_dtype(cfg, device)),  # None: float32 (--amp may say otherwise)
+        # What float32 means on a GPU: PyTorch's defaults, which run convolutions in TF32 on
+        # Ampere and newer (faster than IEEE float32, so a stricter baseline), matmuls not.
+        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "steps": steps, "warmup_steps": warmup, "wall_s": wall, "images_per_s": cfg.batch_size * steps / wall,
         "step_ms": {"mean": mean * 1e3, "median": statistics.median(step_s) * 1e3,
                     "min": min(step_s) * 1e3, "max": max(step_s) * 1e3},

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from fastsynth import profile
 from tinydata import tiny_folder
@@ -38,6 +39,7 @@ def test_figures_exist_and_add_up(runs, impl):
     assert r["data"] == ("loader" if impl == "reference" else "synthetic-gpu")
     assert r["steps"] == 2 and r["images_per_s"] > 0 and r["wall_s"] > 0
     assert r["amp"] is False and r["autocast_dtype"] is None
+    assert r["tf32"] == {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
     step = r["step_ms"]
     assert 0 < step["min"] <= step["median"] <= step["max"] and step["min"] <= step["mean"] <= step["max"]
     # The stage rows partition each step's marks, so they add up to the step time (float sums only).
