@@ -13,6 +13,7 @@ never a timing; the GPU benchmark (bench/gpu_bench.py) decides.
 
     python bench/sass_census.py                       # every kernel at the benchmark shapes
     python bench/sass_census.py dual_noise --json out.json
+    python bench/sass_census.py dual_noise --tune dual_noise.generator=philox2x32   # a TUNING choice
 """
 from __future__ import annotations
 
@@ -112,11 +113,30 @@ def run(only=None) -> list:
     return report
 
 
+def _set_tuning(item: str) -> None:
+    try:
+        target, value = item.split("=", 1)
+        name, key = target.split(".", 1)
+    except ValueError:
+        raise SystemExit(f"--tune {item!r}: expected MODULE.KEY=VALUE, e.g. dual_noise.philox_rounds=7") from None
+    tuning = importlib.import_module(f"fastsynth.kernels.{name}").TUNING
+    if key not in tuning:
+        raise SystemExit(f"--tune {item!r}: {name}.TUNING has no {key!r} (it has {', '.join(tuning)})")
+    try:
+        tuning[key] = json.loads(value)
+    except json.JSONDecodeError:
+        tuning[key] = value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("only", nargs="?", help="label prefix, e.g. dual_noise")
     ap.add_argument("--json", help="write the full census here")
+    ap.add_argument("--tune", action="append", default=[], metavar="MODULE.KEY=VALUE",
+                    help="set a kernel module's TUNING entry first (value read as JSON, else a string)")
     a = ap.parse_args(argv)
+    for item in a.tune:
+        _set_tuning(item)
     report = run(a.only)
     for r in report:
         print(f"{r['case']:32s} {r['kernel']:24s} grid={tuple(r['grid'])} warps={r['num_warps']} regs={r['regs']} "
@@ -126,7 +146,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"target": "sm_90", "triton": triton.__version__, "torch": torch.__version__,
-                       "kernels": report}, f, indent=1)
+                       "tune": a.tune, "kernels": report}, f, indent=1)
     return 0
 
 

@@ -23,7 +23,13 @@ MAX_SINGLE_BLOCK = 4096  # rows up to this width are normalised and perturbed fr
 # sweeps these.
 # philox_rounds: 10, the Random123 default and cuRAND's; 7 also passes BigCrush (Salmon et al.,
 # SC'11) with less margin, and Philox is about half of the kernel's instructions (sass_census).
-TUNING = {"programs_per_sm": 4, "fast": True, "num_warps": None, "philox_rounds": 10}
+# generator: "philox4x32" (the default) draws each Box-Muller uniform from 23 random bits, one
+# Philox4x32 call per column pair; "philox2x32" takes 16 bits per uniform from half as much
+# Philox work (Philox2x32: one multiply per round instead of two), so the normals' tails stop
+# at sqrt(32 ln 2) = 4.71 sigma (probability 2.5e-6 beyond) instead of 5.6, on a 2^16 x 2^16
+# grid of (radius, angle). It is swept on a GPU and becomes the default only if it pays there.
+TUNING = {"programs_per_sm": 4, "fast": True, "num_warps": None, "philox_rounds": 10, "generator": "philox4x32"}
+GENERATORS = ("philox4x32", "philox2x32")
 
 
 def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -79,19 +85,54 @@ if HAS_TRITON:
         return ((r & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _normals(seed, counter, FAST: tl.constexpr, ROUNDS: tl.constexpr):
-        """Four N(0, 1) draws, each divided by sqrt(2 ln 2), from one Philox4x32 call per counter.
+    def _unit_intervals16(r):
+        """uint32 -> two floats in [1, 2): its high and its low 16 bits, each placed at the top
+        of a mantissa (a shift and one AND-OR each)."""
+        hi = ((r >> 9) & 0x7FFF80) | 0x3F800000
+        lo = ((r << 7) & 0x7FFF80) | 0x3F800000
+        return hi.to(tl.float32, bitcast=True), lo.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _philox2x32(seed, counter, ROUNDS: tl.constexpr):
+        """Philox2x32 (Salmon et al., SC'11; Random123's constants): two uint32 per counter.
+        Counter = (counter, the seed's high word), key = the seed's low word, so 64-bit seeds
+        keep distinct streams."""
+        seed = tl.core.to_tensor(seed).to(tl.uint64)  # a constexpr when the JIT specialises seed = 1
+        k = (seed & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32) + counter.to(tl.uint32) * 0
+        c0 = counter.to(tl.uint32, bitcast=True)
+        for _ in tl.static_range(ROUNDS):
+            hi = tl.umulhi(c0, 0xD256D193)
+            lo = tl.mul(c0, 0xD256D193, sanitize_overflow=False)
+            c0 = hi ^ c1 ^ k
+            c1 = lo
+            k = tl.add(k, 0x9E3779B9, sanitize_overflow=False)
+        return c0, c1
+
+    @triton.jit
+    def _normals(seed, counter, FAST: tl.constexpr, ROUNDS: tl.constexpr, GEN2: tl.constexpr):
+        """Four N(0, 1) draws, each divided by sqrt(2 ln 2), from one Philox call per counter.
 
         Box-Muller on (u, w): radius sqrt(-log2 u) with u = 2 - [1, 2) in (0, 1] (finite log; the
-        largest radius is sqrt(23), a 5.6 sigma tail), angle 2 pi (w - 1.5) centred on 0, where
-        the GPU's approximate sin/cos (FAST) are most accurate (abs. error about 1e-6); the
-        interpreter has no approximate intrinsics and uses the exact functions.
+        largest radius is sqrt(23), a 5.6 sigma tail, or sqrt(16) with GEN2's 16-bit uniforms),
+        angle 2 pi (w - 1.5) centred on 0, where the GPU's approximate sin/cos (FAST) are most
+        accurate (abs. error about 1e-6); the interpreter has no approximate intrinsics and uses
+        the exact functions.
         """
-        r1, r2, r3, r4 = tl.randint4x(seed, counter, ROUNDS)
-        u_a = 2.0 - _unit_interval(r1)
-        u_b = 2.0 - _unit_interval(r3)
-        th_a = _unit_interval(r2) * 6.283185307179586 - 9.42477796076938
-        th_b = _unit_interval(r4) * 6.283185307179586 - 9.42477796076938
+        if GEN2:
+            r1, r2 = _philox2x32(seed, counter, ROUNDS)
+            x_a, w_a = _unit_intervals16(r1)
+            x_b, w_b = _unit_intervals16(r2)
+            u_a = 2.0 - x_a
+            u_b = 2.0 - x_b
+            th_a = w_a * 6.283185307179586 - 9.42477796076938
+            th_b = w_b * 6.283185307179586 - 9.42477796076938
+        else:
+            r1, r2, r3, r4 = tl.randint4x(seed, counter, ROUNDS)
+            u_a = 2.0 - _unit_interval(r1)
+            u_b = 2.0 - _unit_interval(r3)
+            th_a = _unit_interval(r2) * 6.283185307179586 - 9.42477796076938
+            th_b = _unit_interval(r4) * 6.283185307179586 - 9.42477796076938
         if FAST:
             # The approximate log2's absolute error (about 2^-22 near 1) exceeds -log2(1 - 2^-23):
             # without the clamp, u just below 1 could give sqrt of a negative number, NaN.
@@ -149,7 +190,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
-                 ga, gb, va, vb, seed, EVEN: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr):
+                 ga, gb, va, vb, seed, EVEN: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr,
+                 GEN2: tl.constexpr):
         """Write z_tilde for the column pairs (a, P + a) of one row: element a takes the cos and
         sin of the pair's first Box-Muller draw as (n1, n2), element P + a the second's."""
         r64 = tl.cast(row, tl.int64)
@@ -158,7 +200,7 @@ if HAS_TRITON:
         za = _load(z_ptr + r64 * stride_zb + a64 * stride_zd, ma, EVEN)
         zb = _load(z_ptr + r64 * stride_zb + b64 * stride_zd, mb, EVEN)
         # Counter = (row, column pair): the same seed gives the same noise for any block shape.
-        n1a, n2a, n1b, n2b = _normals(seed, row * P + a, FAST, ROUNDS)
+        n1a, n2a, n1b, n2b = _normals(seed, row * P + a, FAST, ROUNDS, GEN2)
         out_a = za + ga * n1a + va * n2a                                  # z + eps_g + eps_v
         out_b = zb + gb * n1b + vb * n2b
         dt = out_ptr.dtype.element_ty
@@ -174,7 +216,7 @@ if HAS_TRITON:
                            stride_zb, stride_zd, stride_sb, stride_sd, stride_v, stride_ob,
                            sigma_g, sigma_v, lam, seed,
                            HALF: tl.constexpr, SINGLE: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
-                           ROUNDS: tl.constexpr):
+                           ROUNDS: tl.constexpr, GEN2: tl.constexpr):
         """Rows pid, pid + programs, ...; column j is paired with P + j (P = ceil(d / 2)), HALF
         pairs at a time. SINGLE: one block covers the row, so s and the per-column eps_v scale
         stay in registers. EVEN: d = 2 P and HALF divides P, no masks."""
@@ -205,7 +247,8 @@ if HAS_TRITON:
                 slo, shi = tl.min(s_lo, axis=0), tl.max(s_hi, axis=0)
                 g_gain, g_floor = _gain(slo, shi, sigma_g)                       # Eq. 4-5
                 _perturb(z_ptr, out_ptr, row, j, P, ma, mb, stride_zb, stride_zd, stride_ob,
-                         (shi - sa) * g_gain + g_floor, (shi - sb) * g_gain + g_floor, va, vb, seed, EVEN, FAST, ROUNDS)
+                         (shi - sa) * g_gain + g_floor, (shi - sb) * g_gain + g_floor, va, vb,
+                         seed, EVEN, FAST, ROUNDS, GEN2)
             else:  # wide rows: a pass for s's min and max, then re-read s and v_bar (cache hits)
                 slo, shi = _pairs_min_max(s_row, stride_sd, P, D, HALF, EVEN)
                 g_gain, g_floor = _gain(slo, shi, sigma_g)
@@ -220,7 +263,7 @@ if HAS_TRITON:
                     _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
                              (shi - wa) * g_gain + g_floor, (shi - wb) * g_gain + g_floor,
                              _v_scale(ua, lam, vhi, v_gain, v_floor), _v_scale(ub, lam, vhi, v_gain, v_floor),
-                             seed, EVEN, FAST, ROUNDS)
+                             seed, EVEN, FAST, ROUNDS, GEN2)
 
     def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
                 lam: float, seed: int) -> torch.Tensor:
@@ -237,8 +280,15 @@ if HAS_TRITON:
             sigma_g, sigma_v, lam, seed,
             HALF=half, SINGLE=pairs <= half, EVEN=(d == 2 * pairs and pairs % half == 0),
             FAST=TUNING["fast"] and not INTERPRET, ROUNDS=TUNING["philox_rounds"],
+            GEN2=_generator() == "philox2x32",
             num_warps=TUNING["num_warps"] or (4 if half <= 1024 else 8))
         return out
+
+    def _generator() -> str:
+        if TUNING["generator"] not in GENERATORS:
+            raise ValueError(f"dual_noise: TUNING['generator'] = {TUNING['generator']!r}: choose one of "
+                             f"{', '.join(GENERATORS)}")
+        return TUNING["generator"]
 
     @torch.library.triton_op("fastsynth::dual_noise_fused", mutates_args=())
     def _dual_noise_fused(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float,

@@ -60,6 +60,14 @@ def cases():
         out.append((f"dual_noise z={zt} B={b} d={d} transposed={trans} floats={flt} seed={seed} fast={fast}", dn,
                     lambda z=z, s=s, d=d, seed=seed: dn._launch(z, s, _meta(d), 0.5, 0.5, 0.02, seed), flt,
                     {"fast": fast}))
+    # The Philox2x32 generator: the benchmark row, a 64-bit seed (its high word goes into the
+    # counter), and a seed of 1, which reaches the generator as a constant.
+    for zt, (b, d), flt, seed in ((bf16, (8192, 2048), "fp32", 0), (bf16, (64, 10001), "fp64", 2 ** 40),
+                                  (fp32, (3, 2), "fp32", 1)):
+        z, s = _meta(b, d, dtype=zt), _meta(b, d)
+        out.append((f"dual_noise philox2x32 z={zt} B={b} d={d} floats={flt} seed={seed}", dn,
+                    lambda z=z, s=s, d=d, seed=seed: dn._launch(z, s, _meta(d), 0.5, 0.5, 0.02, seed), flt,
+                    {"generator": "philox2x32"}))
     for zt in (fp32, bf16):
         z = _meta(128, 2048, dtype=zt)
         out.append((f"feature_bank update z={zt}", fb,

@@ -15,7 +15,21 @@ from fastsynth.kernels import dual_noise, dual_noise_reference
 from fastsynth.kernels.dual_noise import minmax
 
 mod = importlib.import_module("fastsynth.kernels.dual_noise")
-IMPLS = ["torch", "triton"]
+
+
+@pytest.fixture(params=["torch", "triton", "triton-philox2x32"])
+def impl(request, monkeypatch):
+    """The reference, and the kernel with each of its generators (TUNING["generator"])."""
+    if request.param == "triton-philox2x32":
+        monkeypatch.setitem(mod.TUNING, "generator", "philox2x32")
+        return "triton"
+    return request.param
+
+
+@pytest.fixture(params=mod.GENERATORS)
+def generator(request, monkeypatch):
+    monkeypatch.setitem(mod.TUNING, "generator", request.param)
+    return request.param
 
 
 def _pooled(noise: torch.Tensor, period: int) -> torch.Tensor:
@@ -28,7 +42,6 @@ def _dev(impl, kdev):
     return kdev if impl == "triton" else torch.device("cpu")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_same_seed_same_output_and_different_seed_differs(impl, kdev, poison):
     dev = _dev(impl, kdev)
     z, s, v = torch.randn(7, 33, device=dev), torch.rand(7, 33, device=dev), torch.rand(33, device=dev)
@@ -39,7 +52,7 @@ def test_same_seed_same_output_and_different_seed_differs(impl, kdev, poison):
     assert not torch.allclose(a, c)
 
 
-def test_triton_noise_independent_of_block_shape(kdev, monkeypatch, poison):
+def test_triton_noise_independent_of_block_shape(generator, kdev, monkeypatch, poison):
     """Counter = (row, column pair): programs walking several rows each, one row per program, and
     the chunked (wide-row) path with odd d draw the same numbers."""
     z, s, v = torch.randn(7, 701, device=kdev), torch.rand(7, 701, device=kdev), torch.rand(701, device=kdev)
@@ -85,18 +98,18 @@ def test_triton_strided_inputs_read_through_strides(kdev, poison):
     assert torch.equal(strided, contiguous)
 
 
-def test_triton_noise_never_reuses_a_counter(kdev):
+def test_triton_noise_never_reuses_a_counter(generator, kdev):
     """Odd d: a row's last column pair is half empty, and the next row must not reuse its
     counter. Reused counters would show up as repeated noise values."""
     b, d = 64, 333
     z = torch.zeros(b, d, device=kdev)
     noise = dual_noise(z, torch.zeros_like(z), torch.ones(d, device=kdev), 1.0, 0.0, 0.5, seed=2, impl="triton")
-    # float32 birthday ties among 21312 normals: 0-9 over seeds 0-9 (torch.randn: 2-5); counters
-    # reused from row to row (pairs counted as d // 2) gave 63-72 here, at least b - 1 = 63.
+    # float32 birthday ties among 21312 normals: 0-9 over seeds 0-9 (philox2x32: 2-6; torch.randn:
+    # 2-5); counters reused from row to row (pairs counted as d // 2) gave 63-72 here, at least
+    # b - 1 = 63 (a row's counters shifted by one pair: 68-72 with either generator).
     assert torch.unique(noise).numel() > noise.numel() - 20
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_degenerate_rows_do_not_nan(impl, kdev, poison):
     dev = _dev(impl, kdev)
     z = torch.randn(3, 16, device=dev)
@@ -114,7 +127,6 @@ def test_degenerate_rows_do_not_nan(impl, kdev, poison):
     assert abs(noise.std().item() - 1.0) < 0.03
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_per_dimension_std_follows_gradcam_scale(impl, kdev):
     """Eq. 5: std of (z_tilde - z) in dim i is sigma_g (1 - s_hat_i); higher score, less noise."""
     dev, period, sigma_g = _dev(impl, kdev), 12, 0.7
@@ -130,7 +142,6 @@ def test_per_dimension_std_follows_gradcam_scale(impl, kdev):
     assert noise.mean(dim=0).abs().max() < 0.02
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_lowvar_mask_and_scale(impl, kdev):
     """Eq. 6: only dims with v_bar < lambda get eps_v, with std sigma_v (1 - v_hat)."""
     dev, sigma_v, lam = _dev(impl, kdev), 0.9, 0.5
@@ -144,7 +155,6 @@ def test_lowvar_mask_and_scale(impl, kdev):
     assert (noise[:, v_bar >= lam] == 0).all()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_both_terms_independent_and_add(impl, kdev):
     """Two independent normals: variances add, sigma_g^2 (1-s_hat)^2 + sigma_v^2 (1-v_hat)^2."""
     dev = _dev(impl, kdev)
@@ -155,7 +165,6 @@ def test_both_terms_independent_and_add(impl, kdev):
     torch.testing.assert_close(_pooled(noise.cpu(), 4).std(dim=0), expected, rtol=0.03, atol=0.005)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_normalised_noise_is_standard_normal(impl, kdev, poison):
     """(z_tilde - z) / scale ~ N(0, 1) for each term alone: moments within 1e-2 over 1e5+ samples,
     KS statistic below the alpha = 0.001 critical value; the two terms uncorrelated."""
@@ -186,6 +195,23 @@ def test_normalised_noise_is_standard_normal(impl, kdev, poison):
     assert abs(torch.corrcoef(pair)[0, 1]) < 1e-2
 
 
+def test_triton_seed_high_word_and_generator_change_the_stream(kdev, monkeypatch):
+    """Seeds that differ only above bit 32 draw different noise (Philox2x32's key is 32 bits, so
+    the seed's high word goes into its counter), and the two generators differ at one seed. An
+    unknown generator is a clear error."""
+    z, s, v = torch.zeros(3, 64, device=kdev), torch.rand(3, 64, device=kdev), torch.rand(64, device=kdev)
+    outs = {}
+    for gen in mod.GENERATORS:
+        monkeypatch.setitem(mod.TUNING, "generator", gen)
+        outs[gen] = dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=5, impl="triton")
+        high = dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=5 + 2 ** 40, impl="triton")
+        assert torch.isfinite(outs[gen]).all() and not torch.equal(high, outs[gen]), gen
+    assert not torch.equal(outs["philox4x32"], outs["philox2x32"])
+    monkeypatch.setitem(mod.TUNING, "generator", "mt19937")
+    with pytest.raises(ValueError, match="generator"):
+        dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=5, impl="triton")
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_triton_half_precision_z(dtype, kdev, poison):
     z = torch.randn(5, 300, device=kdev).to(dtype)
@@ -208,7 +234,7 @@ def test_dtype_preserved_and_shape_checks():
     z = torch.randn(4, 8, dtype=torch.float16)
     out = dual_noise_reference(z, torch.rand(4, 8), torch.rand(8), 0.1, 0.1, 0.5, 0)
     assert out.dtype == torch.float16
-    for impl in IMPLS:
+    for impl in ("torch", "triton"):
         with pytest.raises(ValueError, match="v_bar"):
             dual_noise(z, torch.rand(4, 8), torch.rand(7), 0.1, 0.1, 0.5, 0, impl=impl)
         with pytest.raises(ValueError, match="B x d"):
