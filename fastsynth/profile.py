@@ -259,7 +259,7 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
                  lambda loss: True)  # no finiteness check: it would read the loss back every step
         step_no += 1
 
-    wall, step_s, stage_s, peak_mem, mem_kind = _time_steps(one_step, clock, device, steps, warmup, plan.impl)
+    wall, step_s, stage_s, peak_mem, mem_kind, warm_s = _time_steps(one_step, clock, device, steps, warmup, plan.impl)
     flops = count_flops(cfg, device, random_batch(cfg, device))
     if trace:
         _trace(trace, one_step, min(steps, 3), device)
@@ -277,6 +277,8 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
         # Ampere and newer (faster than IEEE float32, so a stricter baseline), matmuls not.
         "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "steps": steps, "warmup_steps": warmup, "wall_s": wall, "images_per_s": cfg.batch_size * steps / wall,
+        # Seconds of each warm-up step: compilation (--compile) shows up here, mostly in the first.
+        "warmup_step_s": warm_s,
         "step_ms": {"mean": mean * 1e3, "median": statistics.median(step_s) * 1e3,
                     "min": min(step_s) * 1e3, "max": max(step_s) * 1e3},
         "stages_ms": {k: v / steps * 1e3 for k, v in stage_s.items()}, "stages_meaning": STAGES,
@@ -288,12 +290,18 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
 
 
 def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, warmup: int, impl: str):
-    """(wall s, [s per step], {stage: s over all steps}, peak memory bytes, what that peak is)."""
+    """(wall s, [s per step], {stage: s over all steps}, peak memory bytes, what that peak is,
+    [s per warm-up step])."""
     cuda = device.type == "cuda"
     bar = tqdm(total=warmup + steps, desc=f"profile {impl}")
+    warm_s = []
     for _ in range(warmup):
         bar.update(1)
+        t = time.perf_counter()
         one_step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        warm_s.append(time.perf_counter() - t)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -317,9 +325,11 @@ def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, w
     for label, s in intervals:
         stage_s[label] += s
     if cuda:
-        return wall, step_s, stage_s, torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated, timed steps"
+        peak = torch.cuda.max_memory_allocated(device)
+        return wall, step_s, stage_s, peak, "cuda max_memory_allocated, timed steps", warm_s
     # ru_maxrss is KiB on Linux: the process's lifetime peak, loader and dataset included.
-    return wall, step_s, stage_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process"
+    return (wall, step_s, stage_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process",
+            warm_s)
 
 
 def _trace(path: str, one_step, n: int, device: torch.device) -> None:
@@ -341,7 +351,8 @@ def format_table(r: dict) -> str:
     lines = [f"{r['plan_text']}; data {r['data']}; {r['device_name']}",
              (f"{r['arch']} at {r['image_size']} px, batch {r['batch_size']}, amp {r['amp']} "
               f"(autocast {r.get('autocast_dtype') or 'off: float32'}): "
-              f"{r['steps']} steps after {r['warmup_steps']} warm-up"),
+              f"{r['steps']} steps after {r['warmup_steps']} warm-up "
+              f"({sum(r['warmup_step_s']):.1f} s, the first {(r['warmup_step_s'] or [0])[0]:.1f} s)"),
              (f"images/s per process {r['images_per_s']:.1f}   step ms mean {r['step_ms']['mean']:.2f}  "
               f"median {r['step_ms']['median']:.2f}"), "",
              f"{'stage':<26}{'ms/step':>10}{'%':>7}"]

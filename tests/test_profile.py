@@ -38,6 +38,7 @@ def test_figures_exist_and_add_up(runs, impl):
     assert r["impl"] == impl and r["plan"]["impl"] == impl and r["config"]["batch_size"] == 4
     assert r["data"] == ("loader" if impl == "reference" else "synthetic-gpu")
     assert r["steps"] == 2 and r["images_per_s"] > 0 and r["wall_s"] > 0
+    assert len(r["warmup_step_s"]) == r["warmup_steps"] and all(t > 0 for t in r["warmup_step_s"])
     assert r["amp"] is False and r["autocast_dtype"] is None
     assert r["tf32"] == {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
     step = r["step_ms"]
