@@ -97,7 +97,7 @@ if HAS_TRITON:
         """Philox2x32 (Salmon et al., SC'11; Random123's constants): two uint32 per counter.
         Counter = (counter, the seed's high word), key = the seed's low word, so 64-bit seeds
         keep distinct streams."""
-        seed = tl.core.to_tensor(seed).to(tl.uint64)  # a constexpr when the JIT specialises seed = 1
+        seed = tl.cast(seed, tl.uint64)  # tl.cast takes the constexpr the JIT makes of a seed of 1
         k = (seed & 0xFFFFFFFF).to(tl.uint32)
         c1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32) + counter.to(tl.uint32) * 0
         c0 = counter.to(tl.uint32, bitcast=True)

@@ -16,6 +16,20 @@ from fastsynth.kernels.dual_noise import minmax
 
 mod = importlib.import_module("fastsynth.kernels.dual_noise")
 
+if mod.HAS_TRITON_KERNEL:
+    import triton
+    import triton.language as tl
+
+    _philox2x32 = mod._philox2x32
+
+    @triton.jit
+    def _philox2x32_kat(out_ptr, ctr_ptr, seed, ROUNDS: tl.constexpr):
+        """The kernel's Philox2x32 on one counter, its two words stored as int32."""
+        i = tl.arange(0, 1)
+        r0, r1 = _philox2x32(seed, tl.load(ctr_ptr + i), ROUNDS)
+        tl.store(out_ptr + i, r0.to(tl.int32, bitcast=True))
+        tl.store(out_ptr + 1 + i, r1.to(tl.int32, bitcast=True))
+
 
 @pytest.fixture(params=["torch", "triton", "triton-philox2x32"])
 def impl(request, monkeypatch):
@@ -210,6 +224,22 @@ def test_triton_seed_high_word_and_generator_change_the_stream(kdev, monkeypatch
     monkeypatch.setitem(mod.TUNING, "generator", "mt19937")
     with pytest.raises(ValueError, match="generator"):
         dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=5, impl="triton")
+
+
+@pytest.mark.parametrize("rounds,counter,seed,expected", [
+    # Random123's known-answer vectors (kat_vectors): philox2x32 R, ctr[0] ctr[1], key -> out
+    (10, 0x00000000, 0x00000000_00000000, (0xFF1DAE59, 0x6CD10DF2)),
+    (10, 0x243F6A88, 0x85A308D3_13198A2E, (0xDD7CE038, 0xF62A4C12)),
+    (7, 0x00000000, 0x00000000_00000000, (0x257A3673, 0xCD26BE2A)),
+    (7, 0x243F6A88, 0x85A308D3_13198A2E, (0xBEDBBE6B, 0xE4C770B3)),
+])
+def test_philox2x32_known_answers(rounds, counter, seed, expected, kdev):
+    """The kernel's Philox2x32 is Random123's: counter = (counter, the seed's high word), key =
+    the seed's low word."""
+    ctr = torch.tensor([counter - (1 << 32) if counter >= 1 << 31 else counter], dtype=torch.int32, device=kdev)
+    out = torch.zeros(2, dtype=torch.int32, device=kdev)
+    _philox2x32_kat[(1,)](out, ctr, seed, ROUNDS=rounds)
+    assert [v & 0xFFFFFFFF for v in out.tolist()] == list(expected)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
