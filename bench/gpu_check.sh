@@ -10,7 +10,8 @@
 # Writes at most: env.json install.log tests.log tests.xml bench.json bench.log pytest_bench.json
 #   and, with PROFILE=1, profile_<impl>_<data>.json/.log (the full training step, issue 4)
 #
-#   PROFILE=1 SKIP_KERNELS=1 bash bench/gpu_check.sh   # the full-step comparison only
+#   PROFILE=1 SKIP_KERNELS=1 DEADLINE=560 bash bench/gpu_check.sh   # the full-step comparison only
+#     (fast 300 s + reference 120 s on in-device batches, then the loader runs in what is left)
 #   PROFILE=1 SKIP_PBENCH=1 DEADLINE=540 bash ...     # kernels, then as much of the full step as fits
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -268,6 +268,7 @@ if HAS_TRITON:
     def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
                 lam: float, seed: int) -> torch.Tensor:
         b, d = z.shape
+        gen2 = _generator() == "philox2x32"  # checked before any early return
         out = torch.empty((b, d), device=z.device, dtype=z.dtype)
         if b == 0 or skip_launch(z, s, v_bar):
             return out
@@ -280,7 +281,7 @@ if HAS_TRITON:
             sigma_g, sigma_v, lam, seed,
             HALF=half, SINGLE=pairs <= half, EVEN=(d == 2 * pairs and pairs % half == 0),
             FAST=TUNING["fast"] and not INTERPRET, ROUNDS=TUNING["philox_rounds"],
-            GEN2=_generator() == "philox2x32",
+            GEN2=gen2,
             num_warps=TUNING["num_warps"] or (4 if half <= 1024 else 8))
         return out
 

@@ -224,12 +224,16 @@ def test_triton_seed_high_word_and_generator_change_the_stream(kdev, monkeypatch
     monkeypatch.setitem(mod.TUNING, "generator", "mt19937")
     with pytest.raises(ValueError, match="generator"):
         dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=5, impl="triton")
+    with pytest.raises(ValueError, match="generator"):  # also where no kernel would launch
+        dual_noise(z[:0], s[:0], v, 1.0, 1.0, 0.5, seed=5, impl="triton")
 
 
 @pytest.mark.parametrize("rounds,counter,seed,expected", [
     # Random123's known-answer vectors (kat_vectors): philox2x32 R, ctr[0] ctr[1], key -> out
     (10, 0x00000000, 0x00000000_00000000, (0xFF1DAE59, 0x6CD10DF2)),
     (10, 0x243F6A88, 0x85A308D3_13198A2E, (0xDD7CE038, 0xF62A4C12)),
+    (10, 0xFFFFFFFF, 0xFFFFFFFF_FFFFFFFF, (0x2C3F628B, 0xAB4FD7AD)),
+    (7, 0xFFFFFFFF, 0xFFFFFFFF_FFFFFFFF, (0xAB302C4D, 0x3DC9D239)),
     (7, 0x00000000, 0x00000000_00000000, (0x257A3673, 0xCD26BE2A)),
     (7, 0x243F6A88, 0x85A308D3_13198A2E, (0xBEDBBE6B, 0xE4C770B3)),
 ])

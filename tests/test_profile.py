@@ -23,9 +23,16 @@ def runs(tmp_path_factory):
     argv = {"reference": ["--impl", "reference", "--dataset", "folder", "--data-root", root, "--data", "loader"],
             "fast": ["--impl", "fast", "--no-compile", "--trace", str(tmp / "trace")]}
     out = {}
+    saved = torch.backends.cudnn.allow_tf32
     for impl, extra in argv.items():
         path = str(tmp / f"{impl}.json")
-        assert profile.main(TINY + extra + ["--json", path]) == 0
+        # The reference run with cuDNN's TF32 off (PyTorch's default is on): the record must
+        # report what the run had, not the default.
+        torch.backends.cudnn.allow_tf32 = impl != "reference"
+        try:
+            assert profile.main(TINY + extra + ["--json", path]) == 0
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
         with open(path) as fh:
             out[impl] = json.load(fh)
     out["trace_dir"] = str(tmp / "trace")
@@ -40,7 +47,7 @@ def test_figures_exist_and_add_up(runs, impl):
     assert r["steps"] == 2 and r["images_per_s"] > 0 and r["wall_s"] > 0
     assert len(r["warmup_step_s"]) == r["warmup_steps"] and all(t > 0 for t in r["warmup_step_s"])
     assert r["amp"] is False and r["autocast_dtype"] is None
-    assert r["tf32"] == {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    assert r["tf32"] == {"cudnn": impl != "reference", "matmul": torch.backends.cuda.matmul.allow_tf32}
     step = r["step_ms"]
     assert 0 < step["min"] <= step["median"] <= step["max"] and step["min"] <= step["mean"] <= step["max"]
     # The stage rows partition each step's marks, so they add up to the step time (float sums only).
