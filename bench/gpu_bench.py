@@ -309,7 +309,8 @@ def case_dispatch(mods, rep_ms):
 # for the fast/exact output difference, Philox4x32-7 for information only, and Philox2x32 with
 # 16-bit uniforms (TUNING["generator"]; half the Philox work), a candidate default.
 DUAL_NOISE_SWEEP = ([(p, True, w, 10, "philox4x32") for p in (2, 4, 8, 16, 64) for w in (4, 8)]
-                    + [(8, False, 4, 10, "philox4x32"), (8, True, 4, 7, "philox4x32"), (16, True, 4, 7, "philox4x32")]
+                    + [(8, False, 4, 10, "philox4x32"), (8, True, 4, 7, "philox4x32"),
+                       (16, True, 4, 7, "philox4x32")]
                     + [(p, True, w, 10, "philox2x32") for p in (4, 8, 16) for w in (4, 8)])
 
 

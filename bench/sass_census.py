@@ -119,7 +119,10 @@ def _set_tuning(item: str) -> None:
         name, key = target.split(".", 1)
     except ValueError:
         raise SystemExit(f"--tune {item!r}: expected MODULE.KEY=VALUE, e.g. dual_noise.philox_rounds=7") from None
-    tuning = importlib.import_module(f"fastsynth.kernels.{name}").TUNING
+    try:
+        tuning = importlib.import_module(f"fastsynth.kernels.{name}").TUNING
+    except (ModuleNotFoundError, AttributeError):
+        raise SystemExit(f"--tune {item!r}: fastsynth.kernels.{name} has no TUNING (try info_nce, dual_noise)") from None
     if key not in tuning:
         raise SystemExit(f"--tune {item!r}: {name}.TUNING has no {key!r} (it has {', '.join(tuning)})")
     try:
