@@ -13,6 +13,7 @@
 #   PROFILE=1 SKIP_KERNELS=1 DEADLINE=560 bash bench/gpu_check.sh   # the full-step comparison only
 #     (fast 300 s + reference 120 s on in-device batches, then the loader runs in what is left)
 #   PROFILE=1 SKIP_PBENCH=1 DEADLINE=540 bash ...     # kernels, then as much of the full step as fits
+#   PROFILE_RUNS="impl data [flags];..."             # other full-step runs (see step e)
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-./gpu_out}"
@@ -143,15 +144,20 @@ if [ "$PROFILE" = 1 ]; then
     # eager float32 without Triton; the fast path adds bf16 autocast, compile, channels-last and
     # the kernels. synthetic-gpu: in-device batches (no DALI on this machine); loader: the
     # torchvision loader over the embedded set.
-    for run in "fast synthetic-gpu --amp" "reference synthetic-gpu" "fast loader --amp --loader torch" \
-               "reference loader --loader torch"; do
+    # PROFILE_RUNS: "impl data [flags]" entries separated by ';', e.g. CUDA graphs through compile:
+    #   PROFILE_RUNS="fast synthetic-gpu --amp --compile-mode reduce-overhead" (file suffix _reduce-overhead)
+    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-fast synthetic-gpu --amp;reference synthetic-gpu;fast loader --amp --loader torch;reference loader --loader torch}"
+    for run in "${runs[@]}"; do
+        # shellcheck disable=SC2086  # an entry is words
         set -- $run
         impl=$1 data=$2; shift 2
+        tag="${impl}_${data}"
+        case " $* " in *" --compile-mode "*) tag="${tag}_$(echo " $* " | sed 's/.* --compile-mode \([^ ]*\) .*/\1/')";; esac
         limit=$T_PROFILE_REF; [ "$impl" = fast ] && limit=$T_PROFILE_FAST
         timeout -k 10 "$(budget "$limit")" "$PY" -m fastsynth.profile --preset paper --impl "$impl" --data "$data" \
-            --steps "$PROFILE_STEPS" --warmup-steps 5 --workers 8 --json "$OUT/profile_${impl}_${data}.json" "$@" \
-            >"$OUT/profile_${impl}_${data}.log" 2>&1 || profile_rc=$?
-        tail -n 18 "$OUT/profile_${impl}_${data}.log"
+            --steps "$PROFILE_STEPS" --warmup-steps 5 --workers 8 --json "$OUT/profile_${tag}.json" "$@" \
+            >"$OUT/profile_${tag}.log" 2>&1 || profile_rc=$?
+        tail -n 18 "$OUT/profile_${tag}.log"
     done
 fi
 
