@@ -75,9 +75,11 @@ def bench_ms(fn, rep_ms: float, grad_to_none=None) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def profile_device(fn) -> tuple[int, list[str], float]:
-    """Device-side activities (kernels, memsets, copies) of one call and their summed duration
-    in microseconds, from torch.profiler: the GPU's own time, without host overhead."""
+def profile_device(fn) -> tuple[int, list[str], float, list]:
+    """Device-side activities (kernels, memsets, copies) of one call: their count, names, summed
+    duration in microseconds and [name, us] per activity in launch order, from torch.profiler:
+    the GPU's own time, without host overhead. Per activity, because a fused op's time over its
+    floor has to be placed (e.g. info_nce's split kernel vs its merge and the small kernels)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -85,7 +87,8 @@ def profile_device(fn) -> tuple[int, list[str], float]:
         fn()
         torch.cuda.synchronize()
     dev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(dev), [e.name[:120] for e in dev], sum(e.time_range.elapsed_us() for e in dev)
+    each = [[e.name[:80], round(e.time_range.elapsed_us(), 2)] for e in dev]
+    return len(dev), [e.name[:120] for e in dev], sum(e.time_range.elapsed_us() for e in dev), each
 
 
 def graph_ms(fn, rep_ms, grad_to_none=None) -> float:
@@ -111,8 +114,8 @@ def time_impls(make, rep_ms, grad_to_none=None) -> dict:
         except Exception:
             out[impl]["graph_error"] = err_text()[-800:]
         try:
-            n, names, us = profile_device(fn)
-            out[impl].update(launches=n, kernels=names[:12], device_us=us)
+            n, names, us, each = profile_device(fn)
+            out[impl].update(launches=n, kernels=names[:12], device_us=us, kernel_us=each[:24])
         except Exception:
             out[impl]["profile_error"] = err_text()[-800:]
         del fn
@@ -258,6 +261,11 @@ def case_info_nce_sweep(m, n, k, c, dtype, rep_ms):
                 row["ms"], row["timer"] = gpu_ms(step, rep_ms, grad_to_none=[q])  # configs differ in GPU time
             except Exception:
                 row["error"] = err_text()[-600:]
+            if "ms" in row:
+                try:  # split kernel vs merge per config: more splits shorten the first, lengthen the second
+                    row["kernel_us"] = [k for k in profile_device(step)[3] if "info_nce" in k[0]]
+                except Exception:
+                    row["profile_error"] = err_text()[-300:]
             rows.append(row)
     finally:
         m.TUNING.clear()
@@ -478,7 +486,15 @@ def table() -> str:
             v = k["value"]
             value = "-" if v is None else v if isinstance(v, (str, int)) else f"{v:.3g}"
             lines.append(f"{head if i == 0 else '':<{len(head)}}  {k['name'] + ' ' + k['target']:<30}{str(value):>9}  {verdict}")
+        if tri.get("kernel_us"):  # where the Triton side's GPU time goes, one call
+            lines.append("    triton us: " + ", ".join(f"{_short(n)} {us:.1f}" for n, us in tri["kernel_us"][:8]))
     return "\n".join(lines)
+
+
+def _short(kernel_name: str) -> str:
+    """A profiler kernel name cut to what tells kernels apart in one table line."""
+    name = kernel_name.removeprefix("void ").removeprefix("at::native::").lstrip("_")
+    return name.split("<")[0].split("(")[0][:28]
 
 
 def main(argv=None) -> int:

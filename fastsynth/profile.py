@@ -23,8 +23,10 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -231,9 +233,64 @@ def _version(module: str) -> str | None:
         return None
 
 
-def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: str | None = None) -> dict:
-    """Time `steps` training steps after `warmup` untimed ones (torch.compile compiles there)."""
-    from fastsynth.engine import autocast_dtype, noise_seed, resolve_device, ssl_step
+class Progress:
+    """The --json file kept current while the run goes, marked "complete": false until the end.
+
+    A run stopped from outside (gpu_check.sh's per-step timeout sends SIGTERM) still leaves what
+    it reached: the phase it was in, for how long, and each finished warm-up step's seconds,
+    which is how long a compiling first step took, or at least ran, on a device whose time is
+    scarce. SIGTERM writes that record and exits with 143; a SIGKILL leaves the last one written.
+    """
+
+    def __init__(self, path: str | None, header: dict):
+        self.path, self.header = path, header
+        self.state = {"phase": "building", "warmup_step_s": []}
+        self.since = time.perf_counter()
+        self._previous = None
+
+    def update(self, phase: str, **fields) -> None:
+        self.state.update(phase=phase, **fields)
+        self.since = time.perf_counter()
+        self.write()
+
+    def write(self, **extra) -> None:
+        if self.path:
+            write_json(self.path, {**self.header, "complete": False, **self.state, **extra})
+
+    def _stopped(self, signum, frame):
+        self.write(stopped_by=signal.Signals(signum).name, phase_running_s=round(time.perf_counter() - self.since, 2))
+        print(f"\n{signal.Signals(signum).name}: stopped in phase {self.state['phase']!r}"
+              + (f"; partial record in {self.path}" if self.path else ""), file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    def __enter__(self) -> Progress:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._stopped)
+        self.write()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        if exc_type is not None and not issubclass(exc_type, SystemExit):  # SIGTERM wrote its own record
+            self.write(error=f"{exc_type.__name__}: {exc}"[-2000:],
+                       phase_running_s=round(time.perf_counter() - self.since, 2))
+
+
+def write_json(path: str, record: dict) -> None:
+    """Whole or not at all: a reader (or a kill) never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: str | None = None,
+            json_path: str | None = None) -> dict:
+    """Time `steps` training steps after `warmup` untimed ones (torch.compile compiles there).
+    json_path: where the record goes, kept current during the run (Progress)."""
+    from fastsynth.engine import autocast_dtype, resolve_device
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup-steps >= 0, got {steps} and {warmup}")
     if data not in DATA:
@@ -244,7 +301,27 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
         raise ConfigError(str(e)) from None
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the stage marks record on the current device's stream
-    batches = _batches(cfg, fast.resolve(cfg, device), device, data)
+    plan = fast.resolve(cfg, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {platform.machine()}"
+    header = {
+        "impl": plan.impl, "plan": dataclasses.asdict(plan), "plan_text": plan.describe(), "data": data,
+        "device": str(device), "device_name": name, "date": datetime.date.today().isoformat(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "triton": _version("triton"), "dali": _version("nvidia.dali")},
+        "arch": cfg.arch, "image_size": cfg.image_size, "batch_size": cfg.batch_size, "amp": cfg.amp,
+        "autocast_dtype": _dtype_name(autocast_dtype(cfg, device)),  # None: float32 (--amp may say otherwise)
+        # What float32 means on a GPU: PyTorch's defaults, which run convolutions in TF32 on
+        # Ampere and newer (faster than IEEE float32, so a stricter baseline), matmuls not.
+        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+        "steps": steps, "warmup_steps": warmup, "trace": trace, "config": cfg.to_dict(),
+    }
+    with Progress(json_path, header) as progress:
+        return {**header, **_profile(cfg, plan, device, name, steps, warmup, data, trace, progress), "complete": True}
+
+
+def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Progress) -> dict:
+    from fastsynth.engine import noise_seed, ssl_step
+    batches = _batches(cfg, plan, device, data)
     model, plan, opt, dec_opt, autocast, scaler = build(cfg, device)
     clock = StageClock(device)
     instrument(model, opt, dec_opt, clock)
@@ -259,24 +336,17 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
                  lambda loss: True)  # no finiteness check: it would read the loss back every step
         step_no += 1
 
-    wall, step_s, stage_s, peak_mem, mem_kind, warm_s = _time_steps(one_step, clock, device, steps, warmup, plan.impl)
+    wall, step_s, stage_s, peak_mem, mem_kind, warm_s = _time_steps(one_step, clock, device, steps, warmup, plan.impl,
+                                                                     progress)
+    progress.update("counting FLOPs", images_per_s=cfg.batch_size * steps / wall, step_s=step_s)
     flops = count_flops(cfg, device, random_batch(cfg, device))
     if trace:
+        progress.update("trace")
         _trace(trace, one_step, min(steps, 3), device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {platform.machine()}"
     mean = statistics.fmean(step_s)
     peak = bf16_peak(name) if device.type == "cuda" else None
     return {
-        "impl": plan.impl, "plan": dataclasses.asdict(plan), "plan_text": plan.describe(), "data": data,
-        "device": str(device), "device_name": name, "date": datetime.date.today().isoformat(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                     "triton": _version("triton"), "dali": _version("nvidia.dali")},
-        "arch": cfg.arch, "image_size": cfg.image_size, "batch_size": cfg.batch_size, "amp": cfg.amp,
-        "autocast_dtype": _dtype_name(autocast_dtype(cfg, device)),  # None: float32 (--amp may say otherwise)
-        # What float32 means on a GPU: PyTorch's defaults, which run convolutions in TF32 on
-        # Ampere and newer (faster than IEEE float32, so a stricter baseline), matmuls not.
-        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
-        "steps": steps, "warmup_steps": warmup, "wall_s": wall, "images_per_s": cfg.batch_size * steps / wall,
+        "wall_s": wall, "images_per_s": cfg.batch_size * steps / wall,
         # Seconds of each warm-up step: compilation (--compile) shows up here, mostly in the first.
         "warmup_step_s": warm_s,
         "step_ms": {"mean": mean * 1e3, "median": statistics.median(step_s) * 1e3,
@@ -285,23 +355,27 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
         "flops_per_step": flops, "tflops_per_s": flops / mean / 1e12,
         "bf16_peak_tflops": peak / 1e12 if peak else None, "mfu": flops / mean / peak if peak else None,
-        "trace": trace, "config": cfg.to_dict(),
     }
 
 
-def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, warmup: int, impl: str):
+def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, warmup: int, impl: str,
+                progress: Progress | None = None):
     """(wall s, [s per step], {stage: s over all steps}, peak memory bytes, what that peak is,
     [s per warm-up step])."""
     cuda = device.type == "cuda"
     bar = tqdm(total=warmup + steps, desc=f"profile {impl}")
     warm_s = []
-    for _ in range(warmup):
+    for i in range(warmup):
+        if progress:
+            progress.update(f"warm-up step {i + 1} of {warmup}", warmup_step_s=warm_s)
         bar.update(1)
         t = time.perf_counter()
         one_step()
         if cuda:
             torch.cuda.synchronize(device)
         warm_s.append(time.perf_counter() - t)
+    if progress:
+        progress.update(f"{steps} timed steps", warmup_step_s=warm_s)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -392,15 +466,13 @@ def main(argv=None) -> int:
         full.parse_args(argv)  # every flag and value checked once, --help answered
         opts, rest = own.parse_known_args(argv)
         cfg = from_args(rest, description=__doc__.splitlines()[0])
-        result = profile(cfg, opts.steps, opts.warmup_steps, opts.data, opts.trace)
+        result = profile(cfg, opts.steps, opts.warmup_steps, opts.data, opts.trace, opts.json)
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
     if opts.json:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(opts.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(opts.json, result)
         print(f"figures: {opts.json}")
     return 0
 

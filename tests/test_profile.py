@@ -3,11 +3,12 @@ trace is written, and bad input is a one-line error with exit code 2."""
 import glob
 import json
 import os
+import signal
 
 import pytest
 import torch
 
-from fastsynth import profile
+from fastsynth import engine, profile
 from tinydata import tiny_folder
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--queue-size", "16", "--bank-size", "8",
@@ -42,6 +43,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_figures_exist_and_add_up(runs, impl):
     r = runs[impl]
+    assert r["complete"] is True and "phase" not in r and "error" not in r  # the final record, not a partial one
     assert r["impl"] == impl and r["plan"]["impl"] == impl and r["config"]["batch_size"] == 4
     assert r["data"] == ("loader" if impl == "reference" else "synthetic-gpu")
     assert r["steps"] == 2 and r["images_per_s"] > 0 and r["wall_s"] > 0
@@ -76,6 +78,52 @@ def test_trace_written(runs):
     assert {"query encoder+head fwd", "key encoder fwd + EMA", "decoder fwd", "Grad-CAM scores",
             "bank + dual noise"} <= names
     assert any(str(n).startswith("ProfilerStep") for n in names)
+
+
+def _stopping_step(monkeypatch, on_call: int, action):
+    """engine.ssl_step, with `action` run at the start of its on_call-th call."""
+    real, calls = engine.ssl_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            action()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine, "ssl_step", step)
+
+
+def test_sigterm_leaves_a_partial_record(tmp_path, monkeypatch):
+    """gpu_check.sh's timeout stops a run with SIGTERM: the --json file still says how far it got
+    (a compiling first step that outlasts its budget is the case this is for)."""
+    path = str(tmp_path / "p.json")
+    before = signal.getsignal(signal.SIGTERM)
+    _stopping_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    argv = TINY[:-4] + ["--warmup-steps", "3", "--device", "cpu", "--impl", "fast", "--no-compile", "--json", path]
+    with pytest.raises(SystemExit) as stop:
+        profile.main(argv)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's only
+    with open(path) as fh:
+        r = json.load(fh)
+    assert r["complete"] is False and r["stopped_by"] == "SIGTERM"
+    assert r["phase"] == "warm-up step 2 of 3" and r["phase_running_s"] >= 0
+    assert len(r["warmup_step_s"]) == 1 and r["warmup_step_s"][0] > 0  # the finished first step
+    assert r["impl"] == "fast" and r["warmup_steps"] == 3 and r["config"]["batch_size"] == 4
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_a_failing_step_is_in_the_record(tmp_path, monkeypatch):
+    path = str(tmp_path / "p.json")
+
+    def boom():
+        raise RuntimeError("boom in the step")
+    _stopping_step(monkeypatch, 1, boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        profile.main(TINY + ["--impl", "fast", "--no-compile", "--json", path])
+    with open(path) as fh:
+        r = json.load(fh)
+    assert r["complete"] is False and r["error"] == "RuntimeError: boom in the step"
+    assert r["phase"] == "warm-up step 1 of 1" and r["warmup_step_s"] == [] and "stopped_by" not in r
 
 
 def test_bf16_peak_table():
