@@ -22,10 +22,13 @@ class Plan:
     channels_last: bool
     compile: bool
     fused: bool          # PyTorch's fused SGD/Adam (CUDA)
+    # cuDNN times its convolution algorithms once per shape and keeps the fastest (the step's
+    # shapes are fixed); off with --deterministic, and PyTorch's default (off) for the reference.
+    cudnn_benchmark: bool = False
 
     def describe(self) -> str:
         return (f"impl {self.impl}, loader {self.loader}, channels_last {self.channels_last}, "
-                f"compile {self.compile}, fused optimizer {self.fused}")
+                f"compile {self.compile}, fused optimizer {self.fused}, cudnn benchmark {self.cudnn_benchmark}")
 
 
 def resolve(cfg: Config, device: torch.device) -> Plan:
@@ -50,7 +53,8 @@ def resolve(cfg: Config, device: torch.device) -> Plan:
     channels_last = fast if cfg.channels_last is None else cfg.channels_last
     compiled = compile_default if cfg.compile is None else cfg.compile
     return Plan(impl=impl, loader=loader, channels_last=channels_last, compile=compiled,
-                fused=device.type == "cuda" and cfg.optimizer == "sgd")
+                fused=device.type == "cuda" and cfg.optimizer == "sgd",
+                cudnn_benchmark=fast and device.type == "cuda" and not cfg.deterministic)
 
 
 def memory_format(plan: Plan) -> torch.memory_format:
@@ -65,6 +69,8 @@ def prepare(model: nn.Module, plan: Plan, compile_mode: str = "default") -> nn.M
     torch.compile would split anyway; the losses and Triton ops between the networks run as
     registered custom ops (tests/test_fast_path.py checks they trace without graph breaks).
     """
+    # Set both ways: the plan, not whichever run came before in this process, decides.
+    torch.backends.cudnn.benchmark = plan.cudnn_benchmark
     if plan.channels_last:
         model.to(memory_format=torch.channels_last)
     if plan.compile:

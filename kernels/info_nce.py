@@ -221,7 +221,9 @@ if HAS_TRITON:
 
     def _backward(ctx, grad_loss, _grad_of_grad):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        # grad_loss is a 0-dim float32 tensor, which does not promote grad's dtype: one kernel,
+        # the product taken in float32 and rounded once (a .to() first would be a second launch).
+        return grad * grad_loss, None, None, None, None
 
     _info_nce_fused.register_autograd(_backward, setup_context=_setup)
 

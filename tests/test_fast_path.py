@@ -33,6 +33,23 @@ def test_plan_follows_impl_and_flags(monkeypatch):
     assert fast.resolve(_cfg(impl="reference", compile=True), CPU).compile  # a flag beats the impl
 
 
+def test_cudnn_benchmark_on_the_fast_path_on_a_gpu_only():
+    gpu = torch.device("cuda")  # resolve only reads the device's type: no GPU needed
+    assert fast.resolve(_cfg(impl="fast", loader="torch"), gpu).cudnn_benchmark
+    assert not fast.resolve(_cfg(impl="reference"), gpu).cudnn_benchmark  # PyTorch's default
+    assert not fast.resolve(_cfg(impl="fast", loader="torch", deterministic=True), gpu).cudnn_benchmark
+    assert not fast.resolve(_cfg(impl="fast", loader="torch"), CPU).cudnn_benchmark
+    saved = torch.backends.cudnn.benchmark
+    model = torch.nn.Conv2d(3, 4, 3)
+    try:
+        for on in (True, False):  # prepare applies the plan's choice, whatever was set before
+            torch.backends.cudnn.benchmark = not on
+            fast.prepare(model, fast.Plan("fast", "torch", False, False, False, cudnn_benchmark=on))
+            assert torch.backends.cudnn.benchmark is on
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def test_loader_choice_without_dali(monkeypatch):
     from fastsynth.data import dali
     monkeypatch.setattr(dali, "dali_available", lambda: False)

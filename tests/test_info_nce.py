@@ -136,6 +136,24 @@ def test_gradient_only_to_q(kdev):
         assert q.grad is not None and key.grad is None and queue.grad is None
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32])
+def test_upstream_gradient_scales_dq(dtype, kdev):
+    """The backward multiplies the forward's dL/dq by the incoming gradient (a loss weight in
+    Eq. 8): in q's dtype, equal to the reference's gradient of the weighted loss."""
+    q, key, queue = _inputs(9, 70, 32, dtype, seed=3, device=kdev)
+    grads = {}
+    for impl in ("torch", "triton"):
+        qi = q.detach().clone().requires_grad_(True)
+        (info_nce(qi, key, queue, 0.2, impl=impl) * -2.5).backward()
+        grads[impl] = qi.grad
+    assert grads["triton"].dtype == dtype
+    _, ref = _float64_loss_and_grad(q, key, queue, 0.2)
+    scale = 2.5 * max(ref.abs().max().item(), 1 / (0.2 * 9))
+    for impl, g in grads.items():
+        torch.testing.assert_close(g.cpu().double() / scale, -2.5 * ref / scale, rtol=0, atol=TOL[dtype][1],
+                                   msg=lambda m: f"{impl}: {m}")
+
+
 def test_compiles_without_graph_break(kdev):
     """torch.compile(fullgraph=True) must trace through the op: a graph break raises here."""
     q, key, queue = _inputs(7, 90, 24, torch.float32, device=kdev)
