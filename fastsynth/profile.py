@@ -247,6 +247,7 @@ class Progress:
         self.state = {"phase": "building", "warmup_step_s": []}
         self.since = time.perf_counter()
         self._previous = None
+        self._pid = os.getpid()
 
     def update(self, phase: str, **fields) -> None:
         self.state.update(phase=phase, **fields)
@@ -258,6 +259,8 @@ class Progress:
             write_json(self.path, {**self.header, "complete": False, **self.state, **extra})
 
     def _stopped(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked loader worker inherited the handler: its record is stale
+            raise SystemExit(128 + signum)
         self.write(stopped_by=signal.Signals(signum).name, phase_running_s=round(time.perf_counter() - self.since, 2))
         print(f"\n{signal.Signals(signum).name}: stopped in phase {self.state['phase']!r}"
               + (f"; partial record in {self.path}" if self.path else ""), file=sys.stderr, flush=True)
@@ -280,7 +283,7 @@ class Progress:
 def write_json(path: str, record: dict) -> None:
     """Whole or not at all: a reader (or a kill) never sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as fh:
         json.dump(record, fh, indent=2)
     os.replace(tmp, path)

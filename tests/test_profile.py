@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -109,7 +110,30 @@ def test_sigterm_leaves_a_partial_record(tmp_path, monkeypatch):
     assert r["phase"] == "warm-up step 2 of 3" and r["phase_running_s"] >= 0
     assert len(r["warmup_step_s"]) == 1 and r["warmup_step_s"][0] > 0  # the finished first step
     assert r["impl"] == "fast" and r["warmup_steps"] == 3 and r["config"]["batch_size"] == 4
-    assert not os.path.exists(path + ".tmp")
+    assert os.listdir(tmp_path) == ["p.json"]  # no temporary file left beside it
+
+
+def test_sigterm_in_a_forked_worker_leaves_the_record_alone(tmp_path):
+    """Loader workers are forked with the handler installed; timeout's SIGTERM reaches them too.
+    Only the profiling process writes: a worker's copy of the record is stale."""
+    path = tmp_path / "p.json"
+    with profile.Progress(str(path), {"run": "x"}) as progress:
+        progress.update("2 timed steps")
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except SystemExit as e:
+                code = e.code
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
+    with open(path) as fh:
+        r = json.load(fh)
+    assert r["phase"] == "2 timed steps" and "stopped_by" not in r and r["run"] == "x"
+    assert os.listdir(tmp_path) == ["p.json"]
 
 
 def test_a_failing_step_is_in_the_record(tmp_path, monkeypatch):
