@@ -258,6 +258,10 @@ class Progress:
         if self.path:
             write_json(self.path, {**self.header, "complete": False, **self.state, **extra})
 
+    def finish(self, record: dict) -> None:
+        if self.path:
+            write_json(self.path, record)
+
     def _stopped(self, signum, frame):
         if os.getpid() != self._pid:  # a forked loader worker inherited the handler: its record is stale
             raise SystemExit(128 + signum)
@@ -319,7 +323,9 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
         "steps": steps, "warmup_steps": warmup, "trace": trace, "config": cfg.to_dict(),
     }
     with Progress(json_path, header) as progress:
-        return {**header, **_profile(cfg, plan, device, name, steps, warmup, data, trace, progress), "complete": True}
+        result = {**header, **_profile(cfg, plan, device, name, steps, warmup, data, trace, progress), "complete": True}
+        progress.finish(result)
+    return result
 
 
 def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Progress) -> dict:
@@ -475,8 +481,7 @@ def main(argv=None) -> int:
         return 2
     print(format_table(result))
     if opts.json:
-        write_json(opts.json, result)
-        print(f"figures: {opts.json}")
+        print(f"figures: {opts.json}")  # written by profile()
     return 0
 
 
