@@ -44,7 +44,8 @@ PROFILE_STEPS="${PROFILE_STEPS:-20}"
 T_PROFILE_FAST=300 T_PROFILE_REF=120
 if [ "$PROFILE" = 1 ]; then
     # One call for both issues: the kernel steps get less, so that the fast path's compile gets
-    # at least ~150 s of DEADLINE=540 even when every earlier step runs to its limit. The
+    # about 150 s of DEADLINE=540 even when tests, timings and the reference run to their limits
+    # (environment and install take seconds), more when they finish sooner. The
     # fullgraph compile case of gpu_bench (~40 s cold) goes too: the compiled full step
     # traces the same ops (graph breaks are checked on the CPU, tests/test_fast_path.py).
     T_TESTS=120 T_BENCH=150 T_PROFILE_REF=90
