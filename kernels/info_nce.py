@@ -218,8 +218,13 @@ if HAS_TRITON:
 
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
+        # dL/dq, the op's second output, never gets a gradient of its own: without this autograd
+        # fills an N x C zero tensor for it on every backward (one more launch) that is ignored.
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_loss, _grad_of_grad):
+        if grad_loss is None:  # nothing flowed into the loss (only possible without materialised grads)
+            return None, None, None, None, None
         (grad,) = ctx.saved_tensors
         # grad_loss is a 0-dim float32 tensor, which does not promote grad's dtype: one kernel,
         # the product taken in float32 and rounded once (a .to() first would be a second launch).

@@ -154,6 +154,35 @@ def test_upstream_gradient_scales_dq(dtype, kdev):
                                    msg=lambda m: f"{impl}: {m}")
 
 
+def test_backward_is_one_scaling_op(kdev):
+    """The forward already computed dL/dq: backward only scales it. In particular no N x C zero
+    gradient is filled in for the op's second output (dL/dq itself), which nothing uses."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    q, key, queue = _inputs(6, 40, 16, torch.float16, device=kdev)
+    q.requires_grad_(True)
+    loss = info_nce(q, key, queue, 0.2, impl="triton")
+    with Ops() as ops:
+        loss.backward()
+    compute = [op for op in ops.seen if op not in ("detach", "ones_like")]  # autograd's own seed and bookkeeping
+    assert compute == ["mul"], ops.seen
+    # The op's dL/dq output carries no gradient of its own: backward through it alone gives none.
+    q.grad = None
+    _, grad = torch.ops.fastsynth.info_nce_fused(q, key, queue, 0.2, True)
+    assert grad.requires_grad
+    grad.sum().backward()
+    assert q.grad is None
+
+
 def test_compiles_without_graph_break(kdev):
     """torch.compile(fullgraph=True) must trace through the op: a graph break raises here."""
     q, key, queue = _inputs(7, 90, 24, torch.float32, device=kdev)
