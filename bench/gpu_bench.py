@@ -87,8 +87,8 @@ def profile_device(fn) -> tuple[int, list[str], float, list]:
         fn()
         torch.cuda.synchronize()
     dev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    each = [[e.name[:80], round(e.time_range.elapsed_us(), 2)] for e in dev]
-    return len(dev), [e.name[:120] for e in dev], sum(e.time_range.elapsed_us() for e in dev), each
+    each = [[e.name[:120], round(e.time_range.elapsed_us(), 2)] for e in dev]
+    return len(dev), [n for n, _ in each], sum(e.time_range.elapsed_us() for e in dev), each
 
 
 def graph_ms(fn, rep_ms, grad_to_none=None) -> float:
@@ -245,13 +245,13 @@ def case_info_nce_sweep(m, n, k, c, dtype, rep_ms):
     key = F.normalize(torch.randn(n, c, device=DEV), dim=1).to(dtype)
     queue = F.normalize(torch.randn(k, c, device=DEV), dim=1).to(dtype)
     ref = m.info_nce(q, key, queue, 0.2, impl="torch").item()
+    from fastsynth.kernels._dispatch import tuned
     default = dict(m.TUNING)
     rows = []
-    try:
-        for bn, bk, w, st, pps in INFO_NCE_SWEEP:
-            cfg = {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st, "programs_per_sm": pps}
-            m.TUNING.update(cfg)
-            row = dict(cfg)
+    for bn, bk, w, st, pps in INFO_NCE_SWEEP:
+        cfg = {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st, "programs_per_sm": pps}
+        row = dict(cfg)
+        with tuned(m, **cfg):
             try:
                 def step():
                     q.grad = None
@@ -266,10 +266,7 @@ def case_info_nce_sweep(m, n, k, c, dtype, rep_ms):
                     row["kernel_us"] = [k for k in profile_device(step)[3] if "info_nce" in k[0]]
                 except Exception:
                     row["profile_error"] = err_text()[-300:]
-            rows.append(row)
-    finally:
-        m.TUNING.clear()
-        m.TUNING.update(default)
+        rows.append(row)
     ok = [r for r in rows if "ms" in r and r["loss_abs_diff"] < 1e-2]
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     out = {"n": n, "k": k, "c": c, "dtype": str(dtype)[6:], "default": default, "configs": rows, "best": best,
@@ -329,13 +326,13 @@ def case_dual_noise_sweep(m, b, d, dtype, rep_ms):
     same seed measures what the approximate log/sin/cos change (in units of sigma = 1)."""
     z, s = torch.randn(b, d, device=DEV).to(dtype), torch.rand(b, d, device=DEV)
     v_bar = torch.rand(d, device=DEV) * 0.05
+    from fastsynth.kernels._dispatch import tuned
     default = dict(m.TUNING)
     rows, outs = [], {}
-    try:
-        for pps, fast, w, rounds, gen in DUAL_NOISE_SWEEP:
-            cfg = {"programs_per_sm": pps, "fast": fast, "num_warps": w, "philox_rounds": rounds, "generator": gen}
-            m.TUNING.update(cfg)
-            fn = lambda: m.dual_noise(z, s, v_bar, 1.0, 1.0, 0.02, seed=0, impl="triton")  # noqa: E731
+    for pps, fast, w, rounds, gen in DUAL_NOISE_SWEEP:
+        cfg = {"programs_per_sm": pps, "fast": fast, "num_warps": w, "philox_rounds": rounds, "generator": gen}
+        fn = lambda: m.dual_noise(z, s, v_bar, 1.0, 1.0, 0.02, seed=0, impl="triton")  # noqa: E731
+        with tuned(m, **cfg):
             try:
                 if rounds == default["philox_rounds"] and gen == default["generator"]:
                     outs.setdefault(fast, fn().float())
@@ -345,9 +342,6 @@ def case_dual_noise_sweep(m, b, d, dtype, rep_ms):
                              "pct_copy": 100 * gbps / FLOORS["copy_GBps"] if FLOORS.get("copy_GBps") else None})
             except Exception:
                 rows.append({**cfg, "error": err_text()[-600:]})
-    finally:
-        m.TUNING.clear()
-        m.TUNING.update(default)
 
     def best_of(gen):
         ok = [r for r in rows if "ms" in r and r["fast"] and r["philox_rounds"] == default["philox_rounds"]

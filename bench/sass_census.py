@@ -82,9 +82,6 @@ def census(kernel, args, kwargs) -> dict:
             "loop_body": end - start, "loop_families": _families(body), "opcodes": dict(ops.most_common())}
 
 
-def _meta(*shape, dtype=torch.float32):
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
 
 def cases(only=None):
     """(label, module, launcher call) at the benchmark shapes."""
@@ -92,21 +89,19 @@ def cases(only=None):
     dn = importlib.import_module("fastsynth.kernels.dual_noise")
     out = []
     for n in (256, 128):
-        q, u = _meta(n, 128, dtype=torch.bfloat16), _meta(65536, 128, dtype=torch.bfloat16)
+        q, u = _aot.meta(n, 128, dtype=torch.bfloat16), _aot.meta(65536, 128, dtype=torch.bfloat16)
         out.append((f"info_nce N={n} K=65536 C=128 bf16", nce, lambda q=q, u=u: nce._launch(q, q, u, 0.2, True)))
     for b, zt in ((128, torch.bfloat16), (8192, torch.bfloat16), (8192, torch.float32)):
-        z, s = _meta(b, 2048, dtype=zt), _meta(b, 2048)
+        z, s = _aot.meta(b, 2048, dtype=zt), _aot.meta(b, 2048)
         out.append((f"dual_noise B={b} d=2048 z={str(zt)[6:]}", dn,
-                    lambda z=z, s=s: dn._launch(z, s, _meta(2048), 1.0, 1.0, 0.02, 0)))
+                    lambda z=z, s=s: dn._launch(z, s, _aot.meta(2048), 1.0, 1.0, 0.02, 0)))
     return [c for c in out if only is None or c[0].startswith(only)]
 
 
 def run(only=None) -> list:
     report = []
     for label, module, call in cases(only):
-        with _aot.recorded_launches(module) as launches:
-            call()
-        for kernel, grid, args, kwargs in launches:
+        for kernel, grid, args, kwargs in _aot.launches(module, call):
             r = census(kernel, args, kwargs)
             r.update(case=label, grid=list(grid))
             report.append(r)

@@ -141,15 +141,15 @@ def instrument(model, opt, dec_opt, clock: StageClock) -> None:
         o.zero_grad, o.step = zero_grad, opt_step
 
 
-def build(cfg, device: torch.device):
+def build(cfg, device: torch.device, plan: fast.Plan | None = None):
     """As train.py's run() and train_ssl() build the SSL stage: (model, plan, opt, dec_opt,
-    autocast, scaler)."""
+    autocast, scaler); `plan` is fast.resolve's unless given."""
     from fastsynth.engine import precision
     from fastsynth.model import SynthSSL
     from fastsynth.train import seed_everything
     seed_everything(cfg.seed)
     model = SynthSSL(cfg).to(device)
-    plan = fast.resolve(cfg, device)
+    plan = plan or fast.resolve(cfg, device)
     fast.prepare(model, plan, cfg.compile_mode)
     opt, dec_opt = fast.optimizers(model, cfg, plan)
     autocast, scaler = precision(cfg, device)
@@ -246,7 +246,7 @@ class Progress:
         self.path, self.header = path, header
         self.state = {"phase": "building", "warmup_step_s": []}
         self.since = time.perf_counter()
-        self._previous = None
+        self._installed, self._previous = False, None
         self._pid = os.getpid()
 
     def update(self, phase: str, **fields) -> None:
@@ -272,13 +272,15 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            # None when the previous handler was not set from Python: restored as it was too.
             self._previous = signal.signal(signal.SIGTERM, self._stopped)
+            self._installed = True
         self.write()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
         if exc_type is not None and not issubclass(exc_type, SystemExit):  # SIGTERM wrote its own record
             self.write(error=f"{exc_type.__name__}: {exc}"[-2000:],
                        phase_running_s=round(time.perf_counter() - self.since, 2))
@@ -331,7 +333,7 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
 def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Progress) -> dict:
     from fastsynth.engine import noise_seed, ssl_step
     batches = _batches(cfg, plan, device, data)
-    model, plan, opt, dec_opt, autocast, scaler = build(cfg, device)
+    model, _, opt, dec_opt, autocast, scaler = build(cfg, device, plan)
     clock = StageClock(device)
     instrument(model, opt, dec_opt, clock)
     step_no = 0
@@ -347,7 +349,8 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
 
     wall, step_s, stage_s, peak_mem, mem_kind, warm_s = _time_steps(one_step, clock, device, steps, warmup, plan.impl,
                                                                      progress)
-    progress.update("counting FLOPs", images_per_s=cfg.batch_size * steps / wall, step_s=step_s)
+    images_per_s = cfg.batch_size * steps / wall
+    progress.update("counting FLOPs", images_per_s=images_per_s, step_s=step_s)
     flops = count_flops(cfg, device, random_batch(cfg, device))
     if trace:
         progress.update("trace")
@@ -355,7 +358,7 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
     mean = statistics.fmean(step_s)
     peak = bf16_peak(name) if device.type == "cuda" else None
     return {
-        "wall_s": wall, "images_per_s": cfg.batch_size * steps / wall,
+        "wall_s": wall, "images_per_s": images_per_s,
         # Seconds of each warm-up step: compilation (--compile) shows up here, mostly in the first.
         "warmup_step_s": warm_s,
         "step_ms": {"mean": mean * 1e3, "median": statistics.median(step_s) * 1e3,

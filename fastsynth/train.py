@@ -106,8 +106,7 @@ def _has_checkpoint(path) -> bool:
 
 def _deterministic(cfg) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)  # cudnn.benchmark: the plan (fast.resolve)
     if cfg.workers > 0:
         print("warning: --deterministic with --workers > 0: a run resumed mid-epoch draws different "
               "augmentations than an uninterrupted one (use --workers 0 for exact resumption)")

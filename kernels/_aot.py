@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import triton
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
@@ -20,6 +21,18 @@ from triton.compiler import ASTSource
 SM90 = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
 _OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+def meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    """A tensor with a shape and dtype and no storage: what a recorded launch needs."""
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def launches(module, call) -> list:
+    """The (kernel, grid, args, kwargs) launches `call()` makes through `module`, recorded."""
+    with recorded_launches(module) as out:
+        call()
+    return out
 
 
 @contextlib.contextmanager

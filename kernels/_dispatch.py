@@ -1,6 +1,8 @@
-"""The one rule for `impl=` choices, shared by every kernel file, and Triton availability."""
+"""The one rule for `impl=` choices, shared by every kernel file, Triton availability, and the
+TUNING overrides that sweeps and compile checks apply (`tuned`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -79,3 +81,22 @@ def num_sms(device: torch.device) -> int:
     if key not in _SMS:
         _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
     return _SMS[key]
+
+
+@contextlib.contextmanager
+def tuned(module, **overrides):
+    """module.TUNING with `overrides` inside the block and as it was after it, also when the
+    block fails (sweeps and ahead-of-time compile cases try launch choices one after another)."""
+    tuning = getattr(module, "TUNING", None)
+    if tuning is None:
+        if overrides:
+            raise ValueError(f"{module.__name__} has no TUNING to override")
+        yield
+        return
+    saved = dict(tuning)
+    try:
+        tuning.update(overrides)
+        yield
+    finally:
+        tuning.clear()
+        tuning.update(saved)

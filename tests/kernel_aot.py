@@ -18,14 +18,12 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 
 from fastsynth.kernels import _aot  # noqa: E402
+from fastsynth.kernels._dispatch import tuned  # noqa: E402
 
 
 def _mod(name):
     return importlib.import_module(f"fastsynth.kernels.{name}")
 
-
-def _meta(*shape, dtype=torch.float32):
-    return torch.empty(*shape, dtype=dtype, device="meta")
 
 
 def cases():
@@ -42,7 +40,7 @@ def cases():
                                        (bf16, bf16, True, "fp64", 128, 256, 65536),
                                        (bf16, bf16, True, "fp32", 256, 256, 65536),
                                        (bf16, bf16, True, "fp32", 128, 8192, 4096)):
-        q, u = _meta(n, c, dtype=qt), _meta(k, c, dtype=ut)
+        q, u = _aot.meta(n, c, dtype=qt), _aot.meta(k, c, dtype=ut)
         out.append((f"info_nce q={qt} queue={ut} grad={grad} floats={flt} C={c} N={n} K={k}", nce,
                     lambda q=q, u=u, grad=grad: nce._launch(q, q, u, 0.2, grad), flt, {}))
     # z dtype, shape, transposed, floats, seed, exact functions: the even single-block row, odd and
@@ -55,36 +53,34 @@ def cases():
                                                (fp16, (64, 10000), True, "fp32", 7, False),
                                                (bf16, (64, 8192), False, "fp32", 1, True),
                                                (fp32, (3, 2), False, "fp32", 5, True)):
-        z = _meta(d, b, dtype=zt).t() if trans else _meta(b, d, dtype=zt)
-        s = _meta(d, b).t() if trans else _meta(b, d)
+        z = _aot.meta(d, b, dtype=zt).t() if trans else _aot.meta(b, d, dtype=zt)
+        s = _aot.meta(d, b).t() if trans else _aot.meta(b, d)
         out.append((f"dual_noise z={zt} B={b} d={d} transposed={trans} floats={flt} seed={seed} fast={fast}", dn,
-                    lambda z=z, s=s, d=d, seed=seed: dn._launch(z, s, _meta(d), 0.5, 0.5, 0.02, seed), flt,
+                    lambda z=z, s=s, d=d, seed=seed: dn._launch(z, s, _aot.meta(d), 0.5, 0.5, 0.02, seed), flt,
                     {"fast": fast}))
     # The Philox2x32 generator: the benchmark row, a 64-bit seed (its high word goes into the
     # counter), and a seed of 1, which reaches the generator as a constant.
     for zt, (b, d), flt, seed in ((bf16, (8192, 2048), "fp32", 0), (bf16, (64, 10001), "fp64", 2 ** 40),
                                   (fp32, (3, 2), "fp32", 1)):
-        z, s = _meta(b, d, dtype=zt), _meta(b, d)
+        z, s = _aot.meta(b, d, dtype=zt), _aot.meta(b, d)
         out.append((f"dual_noise philox2x32 z={zt} B={b} d={d} floats={flt} seed={seed}", dn,
-                    lambda z=z, s=s, d=d, seed=seed: dn._launch(z, s, _meta(d), 0.5, 0.5, 0.02, seed), flt,
+                    lambda z=z, s=s, d=d, seed=seed: dn._launch(z, s, _aot.meta(d), 0.5, 0.5, 0.02, seed), flt,
                     {"generator": "philox2x32"}))
     for zt in (fp32, bf16):
-        z = _meta(128, 2048, dtype=zt)
+        z = _aot.meta(128, 2048, dtype=zt)
         out.append((f"feature_bank update z={zt}", fb,
-                    lambda z=z: fb._launch(z, _meta(65536, 2048), _meta((), dtype=torch.long),
-                                           _meta(2048, dtype=torch.float64), _meta(2048, dtype=torch.float64),
-                                           _meta(2048), _meta((), dtype=torch.int32)), "fp32", {}))
+                    lambda z=z: fb._launch(z, _aot.meta(65536, 2048), _aot.meta((), dtype=torch.long),
+                                           _aot.meta(2048, dtype=torch.float64), _aot.meta(2048, dtype=torch.float64),
+                                           _aot.meta(2048), _aot.meta((), dtype=torch.int32)), "fp32", {}))
     return out
 
 
 def main() -> int:
     failed = 0
     for label, module, call, flt, tuning in cases():
-        saved = dict(getattr(module, "TUNING", {}))
         try:
-            getattr(module, "TUNING", {}).update(tuning)
-            with _aot.recorded_launches(module) as launches:
-                call()
+            with tuned(module, **tuning):
+                launches = _aot.launches(module, call)
             assert launches, "the launcher made no launch"
             for kernel, grid, args, kwargs in launches:
                 _aot.compile_sm90(kernel, args, kwargs, flt)
@@ -92,10 +88,6 @@ def main() -> int:
         except Exception:
             failed += 1
             print(json.dumps({"case": label, "ok": False, "error": traceback.format_exc(limit=3)[-1500:]}), flush=True)
-        finally:
-            if hasattr(module, "TUNING"):
-                module.TUNING.clear()
-                module.TUNING.update(saved)
     return 1 if failed else 0
 
 

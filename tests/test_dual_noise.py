@@ -275,3 +275,20 @@ def test_dtype_preserved_and_shape_checks():
             dual_noise(z, torch.rand(3, 8), torch.rand(8), 0.1, 0.1, 0.5, 0, impl=impl)
         with pytest.raises(ValueError, match="d = 0"):
             dual_noise(z[:, :0], torch.rand(4, 0), torch.rand(0), 0.1, 0.1, 0.5, 0, impl=impl)
+
+
+def test_tuned_overrides_and_restores_tuning():
+    """The sweeps' and the AOT cases' TUNING overrides hold inside the block only, also when it fails."""
+    from fastsynth.kernels._dispatch import tuned
+    before = dict(mod.TUNING)
+    with pytest.raises(RuntimeError, match="inside"):
+        with tuned(mod, num_warps=8, generator="philox2x32"):
+            assert mod.TUNING == {**before, "num_warps": 8, "generator": "philox2x32"}
+            raise RuntimeError("inside")
+    assert mod.TUNING == before
+    fb = importlib.import_module("fastsynth.kernels.feature_bank")
+    with tuned(fb):  # a module without TUNING takes no overrides, and none is fine
+        pass
+    with pytest.raises(ValueError, match="no TUNING"):
+        with tuned(fb, num_warps=8):
+            pass
