@@ -27,11 +27,16 @@ from fastsynth.progress import tqdm
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device; a CUDA device always with its index (torch.cuda.set_device
+    rejects a bare "cuda"), the current one where the name gave none."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -100,17 +105,24 @@ def precision(cfg: Config, device: torch.device):
 def _frozen_features(model: SynthSSL, splits: Splits, cfg: Config, device: torch.device):
     """z = f(x) of every plain training image, once: the encoder is frozen during warm-up, so
     the 200 warm-up epochs need one encoder pass, not 200. Batch statistics as in SSL training:
-    shuffled full batches, so a class-ordered file list does not give class-pure batches."""
+    shuffled full batches, so a class-ordered file list does not give class-pure batches. The
+    last, partial batch is filled up with images of the first and only its own features kept:
+    every image gets a target, each computed in a full batch."""
     loader = make_loader(splits.train, plain(cfg.image_size), cfg.batch_size, shuffle=True,
-                         drop_last=len(splits.train) > cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
-    feats, images = [], []
+                         drop_last=False, workers=cfg.workers, seed=cfg.seed)
+    feats, images, first = [], [], None
     was_training = model.encoder.training
     model.encoder.train()
     with frozen_bn_stats(model.encoder):
         for x, _, _ in tqdm(loader, desc="warm-up: encoding", leave=False):
             x = x.to(device, non_blocking=True)
-            feats.append(model.encoder(x).float().cpu())
-            images.append(x.half().cpu())  # float16 halves the host memory of the cached targets
+            n = x.shape[0]
+            if first is None:
+                first = x
+            elif n < first.shape[0]:
+                x = torch.cat([x, first[:first.shape[0] - n]])
+            feats.append(model.encoder(x)[:n].float().cpu())
+            images.append(x[:n].half().cpu())  # float16 halves the host memory of the cached targets
     model.encoder.train(was_training)
     return torch.cat(feats), torch.cat(images)
 
@@ -396,11 +408,14 @@ def noise_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
 
 def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch, seed: int, finite):
     """One step of Eq. 8 (or Eq. 1 alone): forward, backward, the optimizers, then the method's
-    state updates (the queue). `finite(loss)` says whether the step's gradients may be applied,
-    as a bool or, with fused optimizers, as a device flag (no host sync); a skipped step must not
-    move the queue either. `step_model` is `model` or its
-    DDP wrapper. Returns (applied, loss, parts, ctx, synth outputs)."""
+    state updates (the key encoder's momentum update, the queue). `finite(loss)` says whether
+    the step's gradients may be applied, as a bool or, with fused optimizers, as a device flag
+    (no host sync). A skipped step moves no weights, key encoder, queue or BatchNorm running
+    statistics; only the bank keeps the batch (non-finite features as zeros, FeatureBank).
+    `step_model` is `model` or its DDP wrapper. Returns (applied, loss, parts, ctx, synth outputs)."""
     x1, x2, x = batch
+    stats = model.running_stats()
+    saved = stats.save()
     with autocast():
         loss, parts, ctx, out = step_model(x1, x2, x if model.synth else None, seed=seed)
     opt.zero_grad(set_to_none=True)
@@ -433,6 +448,7 @@ def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch,
         model.method.after_step(ctx, good)
     elif good:
         model.method.after_step(ctx)
+    stats.keep(good, saved)
     return good, loss, parts, ctx, out
 
 

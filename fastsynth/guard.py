@@ -3,7 +3,8 @@
 SIGTERM (pre-emption) and SIGINT (Ctrl-C) only set a flag; the training loops check it at step
 boundaries, write a checkpoint and return, so a stop never leaves a half-written state. A second
 Ctrl-C stops at once. A step whose loss or gradient is not finite is skipped (no optimizer,
-momentum, queue update) and counted; too many in a row end the run with a clear error.
+momentum or queue update, BatchNorm running statistics put back) and counted; too many in a row
+end the run with a clear error.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import threading
 
 import torch
+from torch import nn
 
 
 class TrainingError(RuntimeError):
@@ -95,3 +97,39 @@ def finite_flag(loss: torch.Tensor, params) -> torch.Tensor:
 def finite_step(loss: torch.Tensor, params) -> bool:
     """finite_flag read back: one host synchronisation per step."""
     return bool(finite_flag(loss, params))
+
+
+class RunningStats:
+    """The BatchNorm running statistics of `model`, which a training forward moves before anyone
+    knows whether the step will be applied. `save()` before the forward, `keep(applied, saved)`
+    after the optimizers: a skipped step puts them back, so one non-finite batch cannot leave
+    NaN in the statistics evaluation uses. A few launches per step: one flat copy per dtype, and
+    with a device flag one `where` and one multi-tensor copy (no host sync)."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = [m for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def _buffers(self) -> dict[tuple, list[torch.Tensor]]:
+        """(dtype, device) -> buffers. Read at every call: .to() may have replaced a buffer."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for m in self.modules:
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if b is not None:
+                    groups.setdefault((b.dtype, b.device), []).append(b)
+        return groups
+
+    def save(self) -> dict:
+        return {key: torch.cat([b.reshape(-1) for b in bufs]) for key, bufs in self._buffers().items()}
+
+    @torch.no_grad()
+    def keep(self, applied: bool | torch.Tensor, saved: dict) -> None:
+        """applied: a bool, or a 0-dim bool tensor on the device."""
+        if not isinstance(applied, torch.Tensor) and applied:
+            return
+        for key, bufs in self._buffers().items():
+            flat = saved[key]
+            if isinstance(applied, torch.Tensor):
+                flat = torch.where(applied, torch.cat([b.reshape(-1) for b in bufs]), flat)
+            parts = flat.split([b.numel() for b in bufs])
+            torch._foreach_copy_(bufs, [p.view(b.shape) for p, b in zip(parts, bufs)])

@@ -10,6 +10,7 @@ from torch import nn
 
 from fastsynth import losses
 from fastsynth.config import Config
+from fastsynth.guard import RunningStats
 from fastsynth.methods import METHODS, SynthPairs
 
 
@@ -37,6 +38,13 @@ class SynthSSL(nn.Module):
     @property
     def encoder(self) -> nn.Module:
         return self.method.encoder
+
+    def running_stats(self) -> RunningStats:
+        """The BatchNorm statistics a skipped training step puts back, found at the first call:
+        after any SyncBatchNorm conversion (which replaces the modules) and compilation."""
+        if self.__dict__.get("_running_stats") is None:
+            self.__dict__["_running_stats"] = RunningStats(self)
+        return self.__dict__["_running_stats"]
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, x: torch.Tensor | None, seed: int):
         """One training step's losses. Returns (L of Eq. 8, {term: value}, ctx, synth outputs)."""

@@ -44,13 +44,15 @@ GLUE = "losses + glue"
 STAGES = {  # row -> what it measures (printed with --json, and the order of the table)
     "data wait": "end of the previous step to the batch on the device: loader next() + copy",
     "query encoder+head fwd": "f, g (and SimSiam's h) forwards with grad, wherever they run",
-    "key encoder fwd + EMA": "MoCo keys(): momentum update of f_k, g_k and their no-grad forward",
+    "key encoder fwd": "MoCo keys(): the no-grad forward of f_k, g_k",
     "decoder fwd": "D(z) and D(z_tilde)",
     "Grad-CAM scores": "Eq. 3: head forward + autograd.grad to z, the score (networks inside count here)",
     "bank + dual noise": "bank update and variance, v_bar, dual noise (Sec. 3.4-3.5; Triton on a GPU)",
-    GLUE: "the rest of the forward: InfoNCE, MSE, NT-Xent, normalisation, concatenation, Eq. 8",
-    "backward": "zero_grad to the first optimizer step: loss.backward (and float16 unscale)",
-    "optimizer + queue": "SGD and Adam steps, then the queue update",
+    GLUE: "the rest of the forward: InfoNCE, MSE, NT-Xent, normalisation, concatenation, Eq. 8, "
+          "the BatchNorm statistics' snapshot a skipped step would restore",
+    "backward": "zero_grad to the first optimizer step: loss.backward, the finiteness check as "
+                "training makes it (and float16 unscale)",
+    "optimizer + EMA + queue": "SGD and Adam steps, then the momentum update of f_k, g_k and the queue update",
 }
 
 
@@ -123,7 +125,7 @@ def instrument(model, opt, dec_opt, clock: StageClock) -> None:
         if hasattr(m, name):
             _time_calls(getattr(m, name), clock, "query encoder+head fwd")
     if hasattr(m, "keys"):
-        m.keys = clock.wrap(m.keys, "key encoder fwd + EMA")
+        m.keys = clock.wrap(m.keys, "key encoder fwd")
     if model.synth is not None:
         _time_calls(model.synth.decoder, clock, "decoder fwd")
         model.synth.scores = clock.wrap(model.synth.scores, "Grad-CAM scores")
@@ -136,7 +138,7 @@ def instrument(model, opt, dec_opt, clock: StageClock) -> None:
             clock.phase("backward")  # ssl_step zeroes the gradients right before backward
 
         def opt_step(*a, _step=step, **k):
-            clock.phase("optimizer + queue")
+            clock.phase("optimizer + EMA + queue")
             return _step(*a, **k)
         o.zero_grad, o.step = zero_grad, opt_step
 
@@ -332,19 +334,26 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
 
 def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Progress) -> dict:
     from fastsynth.engine import noise_seed, ssl_step
+    from fastsynth.guard import finite_flag, finite_step
     batches = _batches(cfg, plan, device, data)
     model, _, opt, dec_opt, autocast, scaler = build(cfg, device, plan)
     clock = StageClock(device)
     instrument(model, opt, dec_opt, clock)
     step_no = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The finiteness check training makes (engine.train_ssl): a device flag the fused optimizers
+    # read, or one host read-back per step; float16 leaves it to the GradScaler.
+    deferred = plan.fused and scaler is None
+
+    def finite(loss):
+        return finite_flag(loss, params) if deferred else finite_step(loss, params)
 
     def one_step():
         nonlocal step_no
         clock.phase("data wait")
         batch = next(batches)
         clock.phase(GLUE)
-        ssl_step(model, model, opt, dec_opt, scaler, autocast, batch, noise_seed(cfg.seed, step_no),
-                 lambda loss: True)  # no finiteness check: it would read the loss back every step
+        ssl_step(model, model, opt, dec_opt, scaler, autocast, batch, noise_seed(cfg.seed, step_no), finite)
         step_no += 1
 
     wall, step_s, stage_s, peak_mem, mem_kind, warm_s = _time_steps(one_step, clock, device, steps, warmup, plan.impl,

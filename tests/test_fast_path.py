@@ -198,8 +198,10 @@ def test_train_command_with_dali_and_channels_last(tmp_path):
 
 def test_deferred_finite_check_skips_on_device():
     """Fused optimizers (CUDA; CPU too in this torch) skip a non-finite step from a device flag,
-    with no host synchronisation: weights, optimizer state, queue and its pointer stay put, and
-    a finite step equals the host-checked step."""
+    with no host synchronisation; the host-checked path skips it too. Either way weights,
+    optimizer state, the key encoder, BatchNorm running statistics, the queue and its pointer
+    stay exactly as they were (only the bank keeps the batch), and a finite step on the device
+    equals the host-checked step."""
     from fastsynth.guard import finite_flag
     cfg = _cfg(impl="fast", loader="torch", nu=0.0)
     fused = fast.Plan("fast", "torch", False, False, True)
@@ -217,22 +219,20 @@ def test_deferred_finite_check_skips_on_device():
             return finite_flag(loss, params) if plan.fused else bool(finite_flag(loss, params))
         good, *_ = ssl_step(model, model, opt, dec_opt, None, autocast, _batch(), 7, finite)
         assert bool(good)
-        runs[name] = {n: t.clone() for n, t in model.state_dict().items()}
-        if plan.fused:
-            before = runs[name]
-            state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-            x1, x2, x = _batch()
-            x1[0, 0, 0, 0] = float("nan")
-            good, *_ = ssl_step(model, model, opt, dec_opt, None, autocast, (x1, x2, x), 8, finite)
-            assert isinstance(good, torch.Tensor) and not bool(good)
-            after = model.state_dict()
-            for n in before:
-                if "running" in n or "num_batches" in n or n.startswith("method.key_") or n.startswith("synth.bank"):
-                    continue  # forward-time state: BatchNorm statistics, momentum copy, bank rows
-                assert torch.equal(after[n], before[n]), n
-            for p, s in opt.state.items():
-                for k, v in s.items():
-                    assert torch.equal(v, state[id(p)][k]), k
+        runs[name] = before = {n: t.clone() for n, t in model.state_dict().items()}
+        state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+        x1, x2, x = _batch()
+        x1[0, 0, 0, 0] = float("nan")
+        good, *_ = ssl_step(model, model, opt, dec_opt, None, autocast, (x1, x2, x), 8, finite)
+        assert isinstance(good, torch.Tensor) is plan.fused and not bool(good)
+        after = model.state_dict()
+        moved = {n for n in before if not torch.equal(after[n], before[n])}
+        assert moved == {"synth.bank.bank", "synth.bank.count", "synth.bank.mean", "synth.bank.m2",
+                         "synth.bank.var"}, moved
+        assert torch.isfinite(after["synth.bank.var"]).all()
+        for p, s in opt.state.items():
+            for k, v in s.items():
+                assert torch.equal(v, state[id(p)][k]), k
     for n in runs["host"]:
         torch.testing.assert_close(runs["device"][n], runs["host"][n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
@@ -338,3 +338,17 @@ def test_amp_auto_on_gpu_uses_bfloat16_only_in_hardware(monkeypatch, hardware):
     dtype = engine.autocast_dtype(_cfg(amp=True), torch.device("cuda"))
     assert asked == {"emulation": False}
     assert dtype == (torch.bfloat16 if hardware else torch.float16)
+
+
+@pytest.mark.parametrize("name,index", [("auto", 0), ("cuda", 0), ("cuda:1", 1)])
+def test_a_cuda_device_always_has_its_index(monkeypatch, name, index):
+    """torch.cuda.set_device (profile, torchrun) rejects a bare "cuda": --device auto and cuda
+    resolve to the current device's index. Checked without a GPU: set_device's own check of a
+    bare "cuda" runs before CUDA is touched, so it shows here too."""
+    from fastsynth.engine import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    dev = resolve_device(name)
+    assert dev == torch.device("cuda", index) and dev.index == index
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda.set_device(torch.device("cuda"))

@@ -127,6 +127,27 @@ def test_triton_half_q_with_float32_queue(dtype, kdev, poison):
     torch.testing.assert_close(qh.grad.cpu().double() / scale, ref_grad / scale, rtol=0, atol=tol_grad)
 
 
+def test_autocast_runs_float32_q_in_the_autocast_dtype(kdev, monkeypatch):
+    """CUDA autocast runs F.normalize's norm in float32, so the step's unit-norm q and k reach the
+    op in float32: under autocast it casts them to the autocast dtype, as a matmul's inputs are,
+    instead of taking the exact-fp32 path (about 250x slower on the H200)."""
+    low = torch.bfloat16 if kdev.type == "cuda" else torch.float16
+    q, key, queue = _inputs(13, 200, 32, torch.float32, seed=4, device=kdev)
+    seen, launch = [], mod._launch
+    monkeypatch.setattr(mod, "_launch", lambda q, k, u, *a: seen.append((q.dtype, k.dtype, u.dtype)) or launch(q, k, u, *a))
+    qa = q.clone().requires_grad_(True)
+    with torch.autocast(kdev.type, dtype=low):
+        loss = info_nce(qa, key, queue, 0.2, impl="triton")
+    loss.backward()
+    assert seen == [(low, low, torch.float32)]
+    assert loss.dtype == torch.float32 and qa.grad.dtype == torch.float32
+    # the same numbers as the op given q and k rounded to the autocast dtype, without autocast
+    qb = q.to(low).requires_grad_(True)
+    ref = info_nce(qb, key.to(low), queue, 0.2, impl="triton")
+    ref.backward()
+    assert torch.equal(loss, ref) and torch.equal(qa.grad, qb.grad.float())
+
+
 def test_gradient_only_to_q(kdev):
     for impl, dev in (("torch", "cpu"), ("triton", kdev)):
         q, key, queue = _inputs(5, 11, 16, torch.float32, device=dev)
@@ -183,15 +204,22 @@ def test_backward_is_one_scaling_op(kdev):
     assert q.grad is None
 
 
-def test_compiles_without_graph_break(kdev):
-    """torch.compile(fullgraph=True) must trace through the op: a graph break raises here."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiles_without_graph_break(kdev, autocast):
+    """torch.compile(fullgraph=True) must trace through the op, under autocast too (its dtype
+    query): a graph break raises here."""
     q, key, queue = _inputs(7, 90, 24, torch.float32, device=kdev)
     backend = "inductor" if kdev.type == "cuda" else "eager"  # inductor cannot run interpreted kernels
-    fn = torch.compile(lambda q, k, u: info_nce(q, k, u, 0.2, impl="triton") * 2.0, fullgraph=True, backend=backend)
+    low = torch.bfloat16 if kdev.type == "cuda" else torch.float16
+
+    def f(q, k, u):
+        with torch.autocast(kdev.type, dtype=low, enabled=autocast):
+            return info_nce(q, k, u, 0.2, impl="triton") * 2.0
+    fn = torch.compile(f, fullgraph=True, backend=backend)
     qa = q.clone().requires_grad_(True)
     fn(qa, key, queue).backward()
     qb = q.clone().requires_grad_(True)
-    (info_nce(qb, key, queue, 0.2, impl="triton") * 2.0).backward()
+    f(qb, key, queue).backward()
     torch.testing.assert_close(qa.grad, qb.grad, rtol=1e-5, atol=1e-7)
 
 

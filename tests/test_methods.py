@@ -1,10 +1,13 @@
 """Method state (queue, momentum copy) and a few optimizer steps lowering the Eq. 8 loss."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastsynth.config import Config
 from fastsynth.methods import MoCoV2
+from fastsynth.models import momentum_update
 from fastsynth.model import SynthSSL
 
 
@@ -20,16 +23,54 @@ def test_queue_is_fifo():
     assert int(moco.queue_ptr) == 6
 
 
-def test_momentum_update_moves_key_encoder():
+def test_momentum_update_moves_key_encoder_after_an_applied_step_only():
+    """MoCo's momentum update, made in after_step: k <- 0.9 k + 0.1 q; with the device flag
+    False (a skipped step) the key encoder stays exactly as it was; keys() itself moves nothing."""
     torch.manual_seed(0)
     moco = MoCoV2(arch="resnet18", dim=4, queue_size=8, momentum=0.9)
     w_q = moco.head.net[0].weight
     with torch.no_grad():
         w_q.add_(1.0)
     before = moco.key_head.net[0].weight.clone()
-    moco.keys(torch.randn(2, 3, 32, 32))
+    ctx = {"k": moco.keys(torch.randn(2, 3, 32, 32))}
+    assert torch.equal(moco.key_head.net[0].weight, before)
+    moco.after_step(ctx, torch.tensor(False))
+    assert torch.equal(moco.key_head.net[0].weight, before)
+    moco.after_step(ctx, torch.tensor(True))
     torch.testing.assert_close(moco.key_head.net[0].weight, 0.9 * before + 0.1 * w_q.detach())
+    moco.after_step(ctx)                                   # host-checked step: no flag
+    torch.testing.assert_close(moco.key_head.net[0].weight,
+                               0.81 * before + 0.19 * w_q.detach())
     assert not moco.key_head.net[0].weight.requires_grad
+
+
+def test_momentum_update_at_step_end_gives_mocos_keys():
+    """Moving the update from the start of a step (MoCo's order) to the end of the previous one
+    leaves every step's keys the same: three steps of SGD against MoCo's order written out."""
+    torch.manual_seed(0)
+    moco = MoCoV2(arch="resnet18", dim=4, queue_size=8, momentum=0.5)
+    ref = copy.deepcopy(moco)
+    xs = [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    keys = {}
+    for name, m in (("ours", moco), ("moco", ref)):
+        opt = torch.optim.SGD(list(m.encoder.parameters()) + list(m.head.parameters()), lr=0.5)
+        m.train()
+        keys[name] = []
+        for x in xs:
+            if name == "moco":  # MoCo's order: the momentum update first, then the keys
+                momentum_update(m.encoder, m.key_encoder, m.m)
+                momentum_update(m.head, m.key_head, m.m)
+            k = m.keys(x)
+            keys[name].append(k)
+            loss = -(m.project(m.encoder(x)) * k).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if name == "ours":
+                m.after_step({"k": k})
+    for a, b in zip(keys["ours"], keys["moco"]):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(keys["ours"][1], keys["ours"][2])  # the key encoder did move
 
 
 def _tiny_cfg(**kw):

@@ -43,9 +43,8 @@ class MoCoV2(nn.Module):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """k = norm(g_k(f_k(x))) after the momentum update of f_k, g_k (as MoCo orders it)."""
-        momentum_update(self.encoder, self.key_encoder, self.m)
-        momentum_update(self.head, self.key_head, self.m)
+        """k = norm(g_k(f_k(x))). f_k, g_k already hold the momentum update MoCo makes at the
+        start of a step: after_step made it at the end of the previous one (see there)."""
         def net(v):
             return self.key_head(self.key_encoder(v))
         k = dist.shuffled_keys(net, x) if self.key_bn == "shuffle" else net(x)
@@ -75,7 +74,14 @@ class MoCoV2(nn.Module):
 
     @torch.no_grad()
     def after_step(self, ctx: dict, ok: torch.Tensor | None = None) -> None:
-        """ok: a device flag of a step the optimizer may have skipped (no host sync)."""
+        """ok: a device flag of a step the optimizer may have skipped (no host sync).
+
+        The momentum update MoCo makes before the next step's keys is made here, once the
+        optimizer has stepped: f_k, g_k are the same when the keys are computed (the first step
+        finds f_k = f either way), but a skipped step now leaves them alone.
+        """
+        momentum_update(self.encoder, self.key_encoder, self.m, ok)
+        momentum_update(self.head, self.key_head, self.m, ok)
         self.enqueue(dist.gather(ctx["k"]), ok)  # every rank enqueues the global batch's keys
 
     @torch.no_grad()

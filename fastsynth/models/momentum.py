@@ -16,8 +16,18 @@ def momentum_copy(net: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
-    """theta_k <- m theta_k + (1 - m) theta_q, over parameters (buffers keep their own stats)."""
+def momentum_update(online: nn.Module, target: nn.Module, m: float, ok: torch.Tensor | None = None) -> None:
+    """theta_k <- m theta_k + (1 - m) theta_q, over parameters (buffers keep their own stats).
+
+    ok: a 0-dim bool device flag of a step the optimizer may have skipped; False leaves theta_k
+    exactly as it is, with no host sync (a 0-dim tensor given to lerp as a Scalar would be read
+    back, so the weight goes through multiplies that take a tensor).
+    """
     qs = [p.detach() for p in online.parameters()]
     ks = list(target.parameters())
-    torch._foreach_lerp_(ks, qs, 1.0 - m)
+    if ok is None:
+        torch._foreach_lerp_(ks, qs, 1.0 - m)
+        return
+    w = ok.to(ks[0].dtype) * (1.0 - m)
+    torch._foreach_mul_(ks, 1.0 - w)
+    torch._foreach_add_(ks, torch._foreach_mul(qs, w))
