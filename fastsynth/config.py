@@ -205,6 +205,8 @@ class Config:
         if self.method == "simsiam" and self.bn == "shuffle":
             raise ConfigError("--bn shuffle is MoCo's key-encoder shuffle; SimSiam has no key encoder "
                               "(use --bn sync or --bn local)")
+        if not 0 <= self.seed < 2 ** 32:  # NumPy's seed range; noise seeds derive from it
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.method == "mocov2" and self.queue_size < self.batch_size:

@@ -13,6 +13,7 @@ import torch
 from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton, wrap_triton
 
 HAS_TRITON_KERNEL = HAS_TRITON
+COUNTER_LIMIT = 2 ** 31  # Philox counters (row * pairs + pair) are 32-bit in the kernel
 MAX_SINGLE_BLOCK = 4096  # rows up to this width are normalised and perturbed from registers
 # Launch choices. The kernel is bound by instructions, not memory (H200, B = 8192, d = 2048, bf16,
 # bench/results/2026-11-26-h200-run4.json: 143 us with exact log/sin/cos, 73 us with the GPU's
@@ -41,8 +42,10 @@ def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
     span = hi - lo
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                       torch.zeros_like(x))
+    # A span below the smallest normal float counts as constant: the kernel scales by
+    # sigma / span, which such a span would overflow.
+    ok = span >= torch.finfo(x.dtype).tiny
+    return torch.where(ok, (x - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(x))
 
 
 def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float,
@@ -55,7 +58,7 @@ def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, 
     """
     _check(z, s, v_bar)
     gen = torch.Generator(device=z.device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(_check_seed(seed))
     zf = z.float()
     s_hat = minmax(s.float(), dim=1)                                   # Eq. 4, B x d
     v_hat = minmax(v_bar.float(), dim=0)                               # Eq. 6, d
@@ -183,10 +186,13 @@ if HAS_TRITON:
     def _gain(lo, hi, sigma):
         """(gain, floor) with sigma (1 - minmax(x)) = (hi - x) * gain + floor: exactly 0 at the
         maximum (the reference's (hi - lo) / (hi - lo) is exactly 1), and a constant slice's
-        minmax = 0 (the full sigma, as minmax() does) without a division by zero."""
+        minmax = 0 (the full sigma, as minmax() does) without a division by zero. A span below
+        the smallest normal float is constant too (minmax() agrees), and the gain is capped at
+        the largest float: a finite row even where sigma > 4 meets a span that small."""
         span = hi - lo
-        gain = tl.where(span > 0, sigma / tl.where(span > 0, span, 1.0), 0.0)
-        return gain, tl.where(span > 0, 0.0, sigma)
+        ok = span >= 1.1754943508222875e-38
+        gain = tl.where(ok, tl.minimum(sigma / tl.where(ok, span, 1.0), 3.4028234663852886e38), 0.0)
+        return gain, tl.where(ok, 0.0, sigma)
 
     @triton.jit
     def _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
@@ -307,17 +313,30 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
     propagate it); the training loop must not feed non-finite features.
     """
     _check(z, s, v_bar)
+    seed = _check_seed(seed)
     path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL)
+    same_device = z.device == s.device == v_bar.device
+    counter_fits = z.shape[0] * ((z.shape[1] + 1) // 2) < COUNTER_LIMIT
+    if path == "triton" and impl == "auto" and not (same_device and counter_fits):
+        path = "torch"  # auto: the kernel where it applies, the reference for what it does not take
     with torch.no_grad():
         if path == "torch":
             return dual_noise_reference(z, s, v_bar, sigma_g, sigma_v, lam, seed)
-        if not (z.device == s.device == v_bar.device):
+        if not same_device:
             raise ValueError(f"dual_noise: z, s, v_bar on different devices ({z.device}, {s.device}, {v_bar.device})")
-        if z.shape[0] * ((z.shape[1] + 1) // 2) >= 2 ** 31:
+        if not counter_fits:
             raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
-        seed = int(seed) % (2 ** 63)  # Philox keys are 64-bit; negative seeds wrap like torch's
         args = (z.detach(), s.detach(), v_bar.detach(), float(sigma_g), float(sigma_v), float(lam), seed)
         return torch.ops.fastsynth.dual_noise_fused(*args)  # eager and compiled alike (see info_nce)
+
+
+def _check_seed(seed) -> int:
+    """Seeds are the Philox key (64-bit) and torch.Generator's: one range for both impls, so no
+    two seeds a caller can pass give the same noise."""
+    seed = int(seed)
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"dual_noise: seed must be in [0, 2**63), got {seed}")
+    return seed
 
 
 def _check(z, s, v_bar):

@@ -8,8 +8,9 @@ Both paths keep the same state: the rows, a device-side count of rows ever writt
 fill level derive from it, so no host read is needed), and float64 per-dimension mean and
 centred sum of squares (M2) plus the float32 variance. The reference recomputes mean and M2 from
 all stored rows after each update (an M x d pass); the Triton kernel removes the evicted rows'
-contribution and adds the new rows' with Chan's pairwise formulas, an O(B d) update, so
-`variance()` is O(d) on either path.
+contribution and adds the new rows' with Chan's pairwise formulas, an O(B d) update, and
+recomputes exactly once per rotation of the ring (O(B d) amortised), so rounding cannot
+accumulate; `variance()` is O(d) on either path.
 """
 from __future__ import annotations
 
@@ -121,10 +122,6 @@ if HAS_TRITON:
         delta = mean_a - mean_s
         mean_new = mean_s + delta * (n_a / n_new)
         m2_new = m2_s + m2_a + delta * delta * (n_s * n_a / n_new)
-        var = tl.where(n_new >= 2, m2_new / tl.maximum(n_new - 1.0, 1.0), 0.0)
-        tl.store(mean_ptr + cols, mean_new, mask=cmask)
-        tl.store(m2_ptr + cols, m2_new, mask=cmask)
-        tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
 
         # Overwrite the evicted rows with the batch (after this program read them above).
         for b0 in range(0, B, BLOCK_B):
@@ -133,6 +130,20 @@ if HAS_TRITON:
             m = (i < B)[:, None] & cmask[None, :]
             x = tl.load(z_ptr + i.to(tl.int64)[:, None] * stride_zb + cols[None, :], mask=m, other=0.0)
             tl.store(bank_ptr + r.to(tl.int64)[:, None] * D + cols[None, :], x.to(tl.float32), mask=m)
+
+        # Once per rotation (this batch reaches the ring's end) the streamed statistics of these
+        # columns are replaced by an exact two-pass recompute over every stored row. Removing an
+        # evicted row subtracts numbers that can be far larger than what stays (features whose
+        # scale falls), and the float64 rounding left behind would otherwise never go: now it
+        # lasts at most one rotation. M / B updates apart, so O(B d) per update on average.
+        if ptr + B >= M:
+            tl.debug_barrier()  # the rows this program's threads just wrote, visible to all of them
+            n_new, mean_new, m2_new = _group_stats(bank_ptr, 0, M, M, D, cols, cmask, M,
+                                                   WRAP=True, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
+        var = tl.where(n_new >= 2, m2_new / tl.maximum(n_new - 1.0, 1.0), 0.0)
+        tl.store(mean_ptr + cols, mean_new, mask=cmask)
+        tl.store(m2_ptr + cols, m2_new, mask=cmask)
+        tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
 
         # The last program to finish advances the count: every program has read it by then, so
         # the pointer update needs no second launch. acq_rel atomics order the read before.

@@ -218,6 +218,9 @@ if HAS_TRITON:
 
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
+        # dL/dq has no derivative here: marked so, differentiating it (a gradient penalty through
+        # create_graph=True) is autograd's "does not require grad" error, not a silent zero.
+        ctx.mark_non_differentiable(output[1])
         # dL/dq, the op's second output, never gets a gradient of its own: without this autograd
         # fills an N x C zero tensor for it on every backward (one more launch) that is ignored.
         ctx.set_materialize_grads(False)
@@ -237,7 +240,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     """InfoNCE with queue (Eq. 1), mean over the batch, a float32 scalar differentiable in q only.
 
     impl="triton" is differentiable once (MoCo needs no more): its backward scales the dL/dq
-    computed in the forward, so a second derivative through q would be silently zero.
+    computed in the forward, and differentiating that gradient again is an error. impl="auto" takes
+    the reference where the kernel does not apply (C > 256, float64, mixed devices).
     Under autocast, float32 q and k are cast to the autocast dtype first, as a matmul's are.
     The logits and the p-weighted queue sum run in q's dtype on the tensor cores
     (a float32 queue under bfloat16 autocast is rounded tile by tile as it is read), with float32
@@ -246,7 +250,10 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     _check(q, k, queue)
     if not 0 < tau < math.inf:  # a temperature; the kernel scales the max, not every logit, by 1 / tau
         raise ValueError(f"info_nce: tau must be > 0 and finite, got {tau}")
-    if resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL) == "torch":
+    path = resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL)
+    if path == "triton" and impl == "auto" and not _triton_applies(q, k, queue):
+        path = "torch"  # auto: the kernel where it applies, the reference for what it does not take
+    if path == "torch":
         return info_nce_reference(q, k, queue, tau)
     if q.shape[1] > MAX_C:
         raise ValueError(f"info_nce(impl='triton'): C = {q.shape[1]} > {MAX_C}; use impl='torch'")
@@ -270,6 +277,14 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     # 1.62 ms per fwd+bwd; bench/results/2026-11-26-h200-run2.json, case "host dispatch").
     loss, _ = torch.ops.fastsynth.info_nce_fused(q, k.detach(), queue.detach(), float(tau), need_grad)
     return loss
+
+
+def _triton_applies(q, k, queue) -> bool:
+    """What the kernel takes: C up to MAX_C, float32/float16/bfloat16, one device. An explicit
+    impl="triton" outside this is an error; impl="auto" falls back to the reference."""
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    return (q.shape[1] <= MAX_C and all(t.dtype in floats for t in (q, k, queue))
+            and q.device == k.device == queue.device)
 
 
 def _check(q, k, queue):

@@ -141,6 +141,55 @@ def test_degenerate_rows_do_not_nan(impl, kdev, poison):
     assert abs(noise.std().item() - 1.0) < 0.03
 
 
+# The interpreter evaluates the kernel's sigma / span in NumPy, which warns on the overflow the
+# kernel then caps at the largest float.
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")
+def test_subnormal_score_span_counts_as_constant(impl, kdev, poison):
+    """A score row whose spread is below the smallest normal float is constant for Eq. 4 in
+    both impls (the kernel's sigma / span would overflow it to inf and NaN), and a large sigma
+    with a tiny normal span still gives a finite row."""
+    dev = _dev(impl, kdev)
+    z = torch.randn(3, 70, device=dev)
+    s = torch.zeros(3, 70, device=dev)
+    s[1, 0] = 1e-40                      # subnormal span
+    s[2, :35] = 2e-38                    # normal span, sigma / span beyond float32 at sigma 10
+    v = torch.rand(70, device=dev)
+    out = dual_noise(z, s, v, 10.0, 1.0, 0.5, seed=3, impl=impl)
+    assert torch.isfinite(out).all()
+    assert torch.equal(minmax(s[1:2]), torch.zeros(1, 70, device=dev))
+    # Same seed and row, an all-zero score row: the same noise exactly, so the same gains.
+    flat = s.clone()
+    flat[1] = 0.0
+    assert torch.equal(out[1], dual_noise(z, flat, v, 10.0, 1.0, 0.5, seed=3, impl=impl)[1])
+
+
+def test_seed_outside_the_philox_key_range_is_an_error(impl, kdev):
+    """One seed range for both impls, [0, 2**63): a seed that would wrap onto another is refused."""
+    dev = _dev(impl, kdev)
+    z = torch.zeros(2, 8, device=dev)
+    for seed in (-1, 2 ** 63, 2 ** 64):
+        with pytest.raises(ValueError, match="seed must be in"):
+            dual_noise(z, z, torch.ones(8, device=dev), 1.0, 1.0, 0.5, seed=seed, impl=impl)
+    dual_noise(z, z, torch.ones(8, device=dev), 1.0, 1.0, 0.5, seed=2 ** 63 - 1, impl=impl)
+
+
+def test_auto_takes_the_reference_where_the_kernel_does_not_apply(monkeypatch):
+    """impl="auto" on CUDA tensors (simulated: the dispatch rule answers as on a GPU) runs the
+    kernel where it applies and the reference past the kernel's 32-bit noise counter."""
+    calls = []
+    monkeypatch.setattr(mod, "resolve_impl", lambda impl, dev, has: "triton" if impl == "auto" else impl)
+    monkeypatch.setattr(mod, "dual_noise_reference", lambda z, *a: calls.append("reference") or z.clone())
+    monkeypatch.setattr(mod, "COUNTER_LIMIT", 64)              # 8 rows x 8 column pairs reach it
+    z = torch.zeros(8, 16)
+    dual_noise(z, z, torch.ones(16), 1.0, 1.0, 0.5, seed=1, impl="auto")
+    assert calls == ["reference"]
+    with pytest.raises(ValueError, match="noise counter"):
+        dual_noise(z, z, torch.ones(16), 1.0, 1.0, 0.5, seed=1, impl="triton")
+    if mod.INTERPRET or torch.cuda.is_available():
+        out = dual_noise(z[:7], z[:7], torch.ones(16), 1.0, 1.0, 0.5, seed=1, impl="auto")
+        assert calls == ["reference"] and out.shape == (7, 16)  # the kernel ran, not the stub
+
+
 def test_per_dimension_std_follows_gradcam_scale(impl, kdev):
     """Eq. 5: std of (z_tilde - z) in dim i is sigma_g (1 - s_hat_i); higher score, less noise."""
     dev, period, sigma_g = _dev(impl, kdev), 12, 0.7

@@ -75,6 +75,26 @@ def test_streaming_survives_cancellation(impl, kdev):
     assert ((naive - exact).abs() / exact).max() > 1e-3   # the test would catch the naive method
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_statistics_recover_when_the_feature_scale_falls(impl, kdev):
+    """Rows of mean 1e4 evicted by rows of spread 1e-3: removing them leaves float64 rounding of
+    the order of 1e4^2 * 1e-16 in M2, several per cent of what stays. The Triton path recomputes
+    exactly once per rotation, so the error does not outlive the large rows by more than one."""
+    size, dim, b = 37, 70, 13
+    bank = _bank(size, dim, impl, kdev)
+    g = torch.Generator().manual_seed(2)
+    for i in range(3 + 8):  # 3 batches of large rows, then 104 small rows: all large ones gone
+        z = 1e4 + torch.randn(b, dim, generator=g) if i < 3 else 1e-3 * torch.randn(b, dim, generator=g)
+        bank.update(z.to(bank.bank.device))
+    exact = bank.bank.cpu().double().var(dim=0)
+    assert exact.max() < 1e-5                              # only small rows are left
+    got = bank.variance().cpu().double()
+    assert ((got - exact).abs() / exact).max() < 1e-5
+    zeros = torch.zeros(size, dim)                         # a column of zeros has variance exactly 0
+    bank.update(zeros.to(bank.bank.device))
+    assert torch.equal(bank.variance().cpu(), torch.zeros(dim))
+
+
 def test_triton_and_torch_agree_and_hand_over(kdev):
     """Same state on both paths, so a bank can switch impl (or device) mid-run."""
     a, r = _bank(40, 9, "triton", kdev), _bank(40, 9, "torch", kdev)

@@ -157,7 +157,8 @@ def test_simsiam_collapse_is_warned(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--lam", "1.5"), ("--queue-size", "4"), ("--image-size", "12"),
-                                        ("--keep-checkpoints", "0"), ("--max-bad-steps", "-1"), ("--lr", "-1")])
+                                        ("--keep-checkpoints", "0"), ("--max-bad-steps", "-1"), ("--lr", "-1"),
+                                        ("--seed", "-1")])
 def test_invalid_options_fail_at_startup_naming_the_option(flag, value, capsys):
     assert train.main(["--batch-size", "8", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
