@@ -34,6 +34,15 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _file_key(path: str, label: int) -> str:
+    """A file's part of the feature cache key: a file rewritten in place is a different file."""
+    try:
+        st = os.stat(path)
+        return f"{path}\t{st.st_size}\t{st.st_mtime_ns}\t{label}"
+    except OSError:  # the loader reports it; the key only has to differ from a readable file's
+        return f"{path}\t-\t{label}"
+
+
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, device: torch.device,
                      desc: str = "features", cache: tuple[str, str] | None = None, loader: str = "torch"):
@@ -41,14 +50,16 @@ def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, d
 
     cache = (folder, checkpoint digest): features are saved there keyed by the checkpoint, the
     transform (image size, and the loader: DALI's resize differs from PIL's by a fraction of a
-    grey level) and the file list, and loaded instead of recomputed next time.
+    grey level), the file list with each file's size and modification time, and the labels
+    (a class added elsewhere renumbers them), and loaded instead of recomputed next time.
     loader = "dali": the DALI evaluation pipeline (GPU decoding on a GPU), same images in order.
     """
     path = None
     if cache is not None:
         import hashlib
         view = f"evaluation-{cfg.image_size}" + ("-dali" if loader == "dali" else "")
-        key = hashlib.sha1("\n".join([cache[1], view, *images.paths]).encode()).hexdigest()
+        key = hashlib.sha1("\n".join([cache[1], view, *map(_file_key, images.paths, images.labels)]).encode())
+        key = key.hexdigest()
         path = os.path.join(cache[0], f"features-{key[:20]}.pt")
         if os.path.isfile(path):
             try:

@@ -119,6 +119,7 @@ class RunningStats:
                     groups.setdefault((b.dtype, b.device), []).append(b)
         return groups
 
+    @torch.no_grad()
     def save(self) -> dict:
         return {key: torch.cat([b.reshape(-1) for b in bufs]) for key, bufs in self._buffers().items()}
 
