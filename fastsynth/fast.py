@@ -81,7 +81,11 @@ def prepare(model: nn.Module, plan: Plan, compile_mode: str = "default") -> nn.M
                 # would become ~55 graphs per call for no gain, so --bn sync networks stay eager.
                 print(f"note: {type(net).__name__} has SyncBatchNorm layers (--bn sync): not compiled")
                 continue
-            net.compile(mode=mode)
+            # Static shapes: a step's batch sizes are fixed (the encoder sees B and, for Eq. 7,
+            # 2B), so each gets its own specialised graph rather than the second turning the
+            # encoder into one dynamic-batch graph; CUDA graphs (reduce-overhead) want static
+            # shapes too. Not yet timed on a GPU against the default.
+            net.compile(mode=mode, dynamic=False)
     return model
 
 

@@ -142,13 +142,17 @@ def test_channels_last_and_compiled_networks_match_eager():
     assert set(model.state_dict()) == set(ref_model.state_dict())  # compile in place: same checkpoint keys
 
 
-def test_prepare_compiles_every_network_in_place():
+def test_prepare_compiles_every_network_in_place(monkeypatch):
     cfg = _cfg(impl="fast", loader="torch")
     model = SynthSSL(cfg)
     keys = set(model.state_dict())
+    calls = []
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw) or compile_(self, **kw))
     fast.prepare(model, fast.resolve(_cfg(impl="fast", loader="torch", compile=True), CPU))
     nets = fast.networks(model)
     assert len(nets) == 5 and all(n._compiled_call_impl is not None for n in nets)
+    assert calls == [{"mode": None, "dynamic": False}] * 5  # static shapes: one graph per batch size
     assert set(model.state_dict()) == keys
 
 
