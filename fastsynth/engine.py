@@ -107,7 +107,7 @@ def _frozen_features(model: SynthSSL, splits: Splits, cfg: Config, device: torch
     the 200 warm-up epochs need one encoder pass, not 200. Batch statistics as in SSL training:
     shuffled full batches, so a class-ordered file list does not give class-pure batches. The
     last, partial batch is filled up with images of the first and only its own features kept:
-    every image gets a target, each computed in a full batch."""
+    every image gets a target, each computed in a full batch (where the set holds one)."""
     loader = make_loader(splits.train, plain(cfg.image_size), cfg.batch_size, shuffle=True,
                          drop_last=False, workers=cfg.workers, seed=cfg.seed)
     feats, images, first = [], [], None
@@ -423,9 +423,12 @@ def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch,
         dec_opt.zero_grad(set_to_none=True)
     if scaler:  # float16: the GradScaler skips steps with inf/NaN gradients itself
         scaler.scale(loss).backward()
-        scaler.step(opt)
-        if dec_opt:
-            scaler.step(dec_opt)
+        opts = [o for o in (opt, dec_opt) if o is not None]
+        for o in opts:
+            scaler.unscale_(o)
+        _one_decision(scaler, opts)
+        for o in opts:
+            scaler.step(o)
         good = _scaler_applied(scaler, opt)
         scaler.update()
     else:
@@ -450,6 +453,22 @@ def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch,
         model.method.after_step(ctx)
     stats.keep(good, saved)
     return good, loss, parts, ctx, out
+
+
+def _one_decision(scaler, opts) -> None:
+    """The GradScaler decides per optimizer: the encoder's step skipped for an overflow while
+    the decoder's goes ahead would leave a half-applied step. Both get the union of their
+    found-inf flags (device tensors, no host sync), read from the scaler's per-optimizer record
+    (not a public API; where it is missing each optimizer decides alone, as before)."""
+    try:
+        flags = [f for o in opts for f in scaler._per_optimizer_states[id(o)]["found_inf_per_device"].values()]
+        if len(flags) < 2:
+            return
+        any_inf = torch.stack([f.to(flags[0].device).reshape(()) for f in flags]).amax()
+        for f in flags:
+            f.copy_(any_inf)
+    except (AttributeError, KeyError, RuntimeError):
+        return
 
 
 def _scaler_applied(scaler, opt) -> torch.Tensor | bool:

@@ -80,9 +80,12 @@ def extract_features(encoder: torch.nn.Module, images: ImageList, cfg: Config, d
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    for x, y, _ in tqdm(batches, desc=desc, leave=False):
-        feats.append(encoder(x.to(device, non_blocking=True)).float().cpu())
-        labels.append(torch.as_tensor(y))
+    # Eagerly, also for an encoder compiled in place for training (static shapes): one pass,
+    # whose last, partial batch would be one more graph to compile.
+    with torch.compiler.set_stance("force_eager"):
+        for x, y, _ in tqdm(batches, desc=desc, leave=False):
+            feats.append(encoder(x.to(device, non_blocking=True)).float().cpu())
+            labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     out = torch.cat(feats), torch.cat(labels)
     if path is not None:

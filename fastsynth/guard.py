@@ -103,8 +103,10 @@ class RunningStats:
     """The BatchNorm running statistics of `model`, which a training forward moves before anyone
     knows whether the step will be applied. `save()` before the forward, `keep(applied, saved)`
     after the optimizers: a skipped step puts them back, so one non-finite batch cannot leave
-    NaN in the statistics evaluation uses. A few launches per step: one flat copy per dtype, and
-    with a device flag one `where` and one multi-tensor copy (no host sync)."""
+    NaN in the statistics evaluation uses. A few launches per step: one flat copy per dtype
+    before the forward; after it, with a device flag (no host sync), a second flat copy, one
+    `where` and one multi-tensor copy back on every step; with a bool, the copy back on a
+    skipped step only."""
 
     def __init__(self, model: nn.Module):
         self.modules = [m for m in model.modules()

@@ -39,7 +39,9 @@ def paper_probe(encoder: torch.nn.Module, train: ImageList, test_features: torch
     total, step = epochs * len(loader), 0
     for _ in tqdm(range(epochs), desc="linear probe (paper)", leave=False):
         for x, y, _ in loader:
-            with torch.no_grad():
+            # Eagerly, as extract_features: each label fraction's last batch has its own size,
+            # a graph each for an encoder compiled with static shapes for training.
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 f = encoder(x.to(device, non_blocking=True)).float()
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))

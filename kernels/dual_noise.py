@@ -33,19 +33,20 @@ TUNING = {"programs_per_sm": 4, "fast": True, "num_warps": None, "philox_rounds"
 GENERATORS = ("philox4x32", "philox2x32")
 
 
-def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def minmax(x: torch.Tensor, dim: int = -1, scale: float = 1.0) -> torch.Tensor:
     """(x - min) / (max - min) along dim; a constant slice maps to 0, never NaN.
 
     A constant score row carries no information about which dims matter, so every dim is
     treated as non-discriminative (s_hat = 0, the full noise), the conservative reading.
+    A span below the smallest normal float, or one so small that scale / span overflows
+    float32, counts as constant too: the kernel multiplies by sigma / span (scale = sigma).
     """
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
     span = hi - lo
-    # A span below the smallest normal float counts as constant: the kernel scales by
-    # sigma / span, which such a span would overflow.
-    ok = span >= torch.finfo(x.dtype).tiny
-    return torch.where(ok, (x - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(x))
+    safe = torch.where(span >= torch.finfo(torch.float32).tiny, span, torch.ones_like(span))
+    ok = (span >= torch.finfo(torch.float32).tiny) & torch.isfinite(scale / safe.float())
+    return torch.where(ok, (x - lo) / safe, torch.zeros_like(x))
 
 
 def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float,
@@ -60,8 +61,8 @@ def dual_noise_reference(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, 
     gen = torch.Generator(device=z.device)
     gen.manual_seed(_check_seed(seed))
     zf = z.float()
-    s_hat = minmax(s.float(), dim=1)                                   # Eq. 4, B x d
-    v_hat = minmax(v_bar.float(), dim=0)                               # Eq. 6, d
+    s_hat = minmax(s.float(), dim=1, scale=sigma_g)                    # Eq. 4, B x d
+    v_hat = minmax(v_bar.float(), dim=0, scale=sigma_v)                # Eq. 6, d
     low_var = (v_bar.float() < lam).float()                            # d
     n1 = torch.randn(zf.shape, generator=gen, device=z.device, dtype=torch.float32)
     n2 = torch.randn(zf.shape, generator=gen, device=z.device, dtype=torch.float32)
@@ -187,12 +188,13 @@ if HAS_TRITON:
         """(gain, floor) with sigma (1 - minmax(x)) = (hi - x) * gain + floor: exactly 0 at the
         maximum (the reference's (hi - lo) / (hi - lo) is exactly 1), and a constant slice's
         minmax = 0 (the full sigma, as minmax() does) without a division by zero. A span below
-        the smallest normal float is constant too (minmax() agrees), and the gain is capped at
-        the largest float: a finite row even where sigma > 4 meets a span that small."""
+        the smallest normal float, or one for which sigma / span overflows, is constant too
+        (minmax(scale=sigma) agrees): never an infinite gain times a zero difference."""
         span = hi - lo
-        ok = span >= 1.1754943508222875e-38
-        gain = tl.where(ok, tl.minimum(sigma / tl.where(ok, span, 1.0), 3.4028234663852886e38), 0.0)
-        return gain, tl.where(ok, 0.0, sigma)
+        normal = span >= 1.1754943508222875e-38
+        gain = sigma / tl.where(normal, span, 1.0)
+        ok = normal & (gain <= 3.4028234663852886e38)
+        return tl.where(ok, gain, 0.0), tl.where(ok, 0.0, sigma)
 
     @triton.jit
     def _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,

@@ -144,23 +144,27 @@ def test_degenerate_rows_do_not_nan(impl, kdev, poison):
 # The interpreter evaluates the kernel's sigma / span in NumPy, which warns on the overflow the
 # kernel then caps at the largest float.
 @pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")
-def test_subnormal_score_span_counts_as_constant(impl, kdev, poison):
-    """A score row whose spread is below the smallest normal float is constant for Eq. 4 in
-    both impls (the kernel's sigma / span would overflow it to inf and NaN), and a large sigma
-    with a tiny normal span still gives a finite row."""
+def test_tiny_score_span_counts_as_constant(impl, kdev, poison):
+    """A score row whose spread is below the smallest normal float, or so small that sigma_g /
+    spread overflows float32, is constant for Eq. 4 in both impls (full noise on every dim): the
+    kernel's gain would be inf, and inf times a zero difference NaN."""
     dev = _dev(impl, kdev)
-    z = torch.randn(3, 70, device=dev)
-    s = torch.zeros(3, 70, device=dev)
+    z = torch.randn(4, 70, device=dev)
+    s = torch.zeros(4, 70, device=dev)
     s[1, 0] = 1e-40                      # subnormal span
-    s[2, :35] = 2e-38                    # normal span, sigma / span beyond float32 at sigma 10
+    s[2, :35] = 2e-38                    # normal span, but 10 / span is beyond float32
+    s[3, :35] = 2e-37                    # 10 / span fits: an ordinary row
     v = torch.rand(70, device=dev)
     out = dual_noise(z, s, v, 10.0, 1.0, 0.5, seed=3, impl=impl)
     assert torch.isfinite(out).all()
-    assert torch.equal(minmax(s[1:2]), torch.zeros(1, 70, device=dev))
-    # Same seed and row, an all-zero score row: the same noise exactly, so the same gains.
-    flat = s.clone()
-    flat[1] = 0.0
-    assert torch.equal(out[1], dual_noise(z, flat, v, 10.0, 1.0, 0.5, seed=3, impl=impl)[1])
+    zero = torch.zeros(1, 70, device=dev)
+    assert torch.equal(minmax(s[1:2], scale=10.0), zero) and torch.equal(minmax(s[2:3], scale=10.0), zero)
+    assert torch.equal(minmax(s[3:4], scale=10.0), (s[3:4] > 0).float())
+    # Same seed, rows made constant: rows 1 and 2 get exactly the same noise (the same gains);
+    # row 3 does not (its high-score half is spared).
+    flat = torch.zeros_like(s)
+    same = dual_noise(z, flat, v, 10.0, 1.0, 0.5, seed=3, impl=impl)
+    assert torch.equal(out[1:3], same[1:3]) and not torch.equal(out[3], same[3])
 
 
 def test_seed_outside_the_philox_key_range_is_an_error(impl, kdev):

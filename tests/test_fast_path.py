@@ -294,7 +294,8 @@ def test_evaluation_features_through_dali_match_torchvision(tmp_path):
 
 def test_float16_steps_the_scaler_skips_leave_the_queue_alone():
     """GradScaler (float16) skips the first steps while its scale is too large; those steps
-    must not enqueue keys either (the flag is read on the device, no host sync)."""
+    must not enqueue keys either (the flag is read on the device, no host sync), nor step the
+    decoder's optimizer alone or move BatchNorm statistics: only the bank keeps the batch."""
     cfg = _cfg(amp=True, amp_dtype="float16", loader="torch")
     torch.manual_seed(0)
     model = SynthSSL(cfg)
@@ -303,9 +304,16 @@ def test_float16_steps_the_scaler_skips_leave_the_queue_alone():
     autocast, scaler = precision(cfg, CPU)
     assert scaler is not None
     applied = []
+    bank = {"synth.bank.bank", "synth.bank.count", "synth.bank.mean", "synth.bank.m2", "synth.bank.var"}
     for step in range(10):
+        before = {n: t.clone() for n, t in model.state_dict().items()}
         good, *_ = ssl_step(model, model, opt, dec_opt, scaler, autocast, _batch(), step, lambda loss: True)
         applied.append(bool(good))
+        moved = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
+        if not applied[-1]:  # one decision for both optimizers: no weight of either moves
+            assert moved <= bank and "synth.bank.count" in moved, (step, moved - bank)
+        else:
+            assert any(n.startswith("synth.decoder.") for n in moved) and any(n.startswith("method.encoder.") for n in moved)
     assert not all(applied) and any(applied), applied  # the starting scale 65536 overflows first
     assert int(model.method.queue_ptr) == sum(applied) * 4 % 16
 

@@ -237,3 +237,39 @@ def test_config_method_defaults_and_noise_none():
     assert from_args([]).lr == 0.06 and from_args(["--method", "simsiam"]).lr == 0.05
     assert from_args(["--method", "simsiam", "--lr", "0.2"]).lr == 0.2
     assert from_args(["--noise", "none"]).nu == 0.0 and from_args(["--noise", "none", "--nu", "0.3"]).nu == 0.3
+
+
+def test_warmup_targets_cover_every_image_each_in_a_full_batch(tmp_path):
+    """The decoder warm-up's cached targets: 10 images at batch 4 give 10 targets (the last,
+    partial batch of 2 filled up with 2 images of the first), and the encoder saw every image
+    in a batch of 4: with a batch-dependent encoder, the last two features are those of the
+    padded batch."""
+    from PIL import Image
+
+    from fastsynth.data.base import ImageList, Splits
+    from fastsynth.engine import _frozen_features
+
+    paths = []
+    for i in range(10):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (40, 40), (25 * i, 255 - 25 * i, 7 * i)).save(paths[-1])
+
+    class Centred(torch.nn.Module):  # batch statistics, as BatchNorm in train mode
+        def forward(self, x):
+            f = x.mean(dim=(2, 3))
+            return f - f.mean(dim=0)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Centred()
+
+    images = ImageList(paths, [0] * 10)
+    cfg = Config(image_size=32, batch_size=4, workers=0).validate()
+    feats, cached = _frozen_features(Model(), Splits(images, images), cfg, torch.device("cpu"))
+    assert feats.shape == (10, 3) and cached.shape == (10, 3, 32, 32)
+    means = sorted(cached.float().mean(dim=(1, 2, 3)).tolist())
+    assert len(set(round(m, 3) for m in means)) == 10  # every image once
+    padded = torch.cat([cached[8:], cached[:2]]).float()
+    torch.testing.assert_close(feats[8:], Centred()(padded)[:2], rtol=0, atol=2e-3)
+    assert not torch.allclose(feats[8:], Centred()(cached[8:].float()), atol=1e-2)  # not the batch of 2

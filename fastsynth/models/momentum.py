@@ -20,8 +20,9 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float, ok: torch.Te
     """theta_k <- m theta_k + (1 - m) theta_q, over parameters (buffers keep their own stats).
 
     ok: a 0-dim bool device flag of a step the optimizer may have skipped; False leaves theta_k
-    exactly as it is, with no host sync (a 0-dim tensor given to lerp as a Scalar would be read
-    back, so the weight goes through multiplies that take a tensor).
+    as it is (exactly, for finite weights, up to the sign of a zero), with no host sync: a 0-dim
+    tensor given to lerp as a Scalar would be read back, so the weight goes through multiplies
+    that take a tensor (three passes and a temporary, against lerp's one pass).
     """
     qs = [p.detach() for p in online.parameters()]
     ks = list(target.parameters())
