@@ -23,16 +23,17 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_impl(impl: str, device_type: str, has_triton_kernel: bool) -> str:
+def resolve_impl(impl: str, device_type: str, has_triton_kernel: bool, applies: bool = True) -> str:
     """Return "triton" or "torch" for an `impl` request on a device.
 
-    auto = Triton on CUDA tensors when the kernel exists, the reference elsewhere. An explicit
-    "triton" on CPU tensors is honoured only under the interpreter (tests), never silently.
+    auto = Triton on CUDA tensors when the kernel exists and `applies` (the kernel takes these
+    inputs), the reference otherwise. An explicit "triton" on CPU tensors is honoured only under
+    the interpreter (tests), never silently; for inputs it does not take, the caller raises.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "triton" if (device_type == "cuda" and has_triton_kernel and HAS_TRITON) else "torch"
+        return "triton" if (device_type == "cuda" and has_triton_kernel and HAS_TRITON and applies) else "torch"
     if impl == "triton":
         if not (has_triton_kernel and HAS_TRITON):
             raise NotImplementedError(

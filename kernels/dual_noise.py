@@ -316,11 +316,9 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
     """
     _check(z, s, v_bar)
     seed = _check_seed(seed)
-    path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL)
     same_device = z.device == s.device == v_bar.device
     counter_fits = z.shape[0] * ((z.shape[1] + 1) // 2) < COUNTER_LIMIT
-    if path == "triton" and impl == "auto" and not (same_device and counter_fits):
-        path = "torch"  # auto: the kernel where it applies, the reference for what it does not take
+    path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL, applies=same_device and counter_fits)
     with torch.no_grad():
         if path == "torch":
             return dual_noise_reference(z, s, v_bar, sigma_g, sigma_v, lam, seed)

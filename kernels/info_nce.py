@@ -250,9 +250,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     _check(q, k, queue)
     if not 0 < tau < math.inf:  # a temperature; the kernel scales the max, not every logit, by 1 / tau
         raise ValueError(f"info_nce: tau must be > 0 and finite, got {tau}")
-    path = resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL)
-    if path == "triton" and impl == "auto" and not _triton_applies(q, k, queue):
-        path = "torch"  # auto: the kernel where it applies, the reference for what it does not take
+    path = resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL, applies=_triton_applies(q, k, queue))
     if path == "torch":
         return info_nce_reference(q, k, queue, tau)
     if q.shape[1] > MAX_C:

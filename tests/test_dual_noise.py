@@ -181,7 +181,8 @@ def test_auto_takes_the_reference_where_the_kernel_does_not_apply(monkeypatch):
     """impl="auto" on CUDA tensors (simulated: the dispatch rule answers as on a GPU) runs the
     kernel where it applies and the reference past the kernel's 32-bit noise counter."""
     calls = []
-    monkeypatch.setattr(mod, "resolve_impl", lambda impl, dev, has: "triton" if impl == "auto" else impl)
+    real = mod.resolve_impl  # the dispatch rule itself, answering as for CUDA tensors
+    monkeypatch.setattr(mod, "resolve_impl", lambda impl, dev, has, **kw: real(impl, "cuda", has, **kw))
     monkeypatch.setattr(mod, "dual_noise_reference", lambda z, *a: calls.append("reference") or z.clone())
     monkeypatch.setattr(mod, "COUNTER_LIMIT", 64)              # 8 rows x 8 column pairs reach it
     z = torch.zeros(8, 16)

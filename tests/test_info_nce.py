@@ -232,7 +232,8 @@ def test_auto_takes_the_reference_where_the_kernel_does_not_apply(monkeypatch):
     """impl="auto" on CUDA tensors (simulated: the dispatch rule answers as on a GPU) runs the
     kernel where it applies and the reference for C > 256 or float64, instead of raising."""
     calls = []
-    monkeypatch.setattr(mod, "resolve_impl", lambda impl, dev, has: "triton" if impl == "auto" else impl)
+    real = mod.resolve_impl  # the dispatch rule itself, answering as for CUDA tensors
+    monkeypatch.setattr(mod, "resolve_impl", lambda impl, dev, has, **kw: real(impl, "cuda", has, **kw))
     monkeypatch.setattr(mod, "info_nce_reference", lambda *a: calls.append("reference") or a[0].sum() * 0)
     for c, dtype, expect in ((300, torch.float32, "reference"), (8, torch.float64, "reference")):
         q, key, queue = _inputs(3, 5, c, dtype)
