@@ -300,7 +300,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
 
     # Fused optimizers (CUDA) skip a non-finite step on the device; the count of skipped steps is
     # read back every --log-every steps. Otherwise every step is checked on the host.
-    deferred = plan.fused and scaler is None
+    deferred = checks_on_device(plan, scaler)
 
     def finite(loss):
         if deferred:
@@ -404,6 +404,12 @@ def noise_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
     """The dual-noise seed of a step on a rank: reproducible from --seed, distinct for every
     (step, rank) pair of a run, and the single-process value when world = 1."""
     return (seed * 1_000_003 + step) * world + rank
+
+
+def checks_on_device(plan: fast.Plan, scaler) -> bool:
+    """Whether a step's finiteness is a device flag the fused optimizers read (no host sync);
+    otherwise it is read back on the host, and float16 leaves it to the GradScaler."""
+    return plan.fused and scaler is None
 
 
 def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch, seed: int, finite):

@@ -333,7 +333,7 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
 
 
 def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Progress) -> dict:
-    from fastsynth.engine import noise_seed, ssl_step
+    from fastsynth.engine import checks_on_device, noise_seed, ssl_step
     from fastsynth.guard import finite_flag, finite_step
     batches = _batches(cfg, plan, device, data)
     model, _, opt, dec_opt, autocast, scaler = build(cfg, device, plan)
@@ -341,9 +341,7 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
     instrument(model, opt, dec_opt, clock)
     step_no = 0
     params = [p for p in model.parameters() if p.requires_grad]
-    # The finiteness check training makes (engine.train_ssl): a device flag the fused optimizers
-    # read, or one host read-back per step; float16 leaves it to the GradScaler.
-    deferred = plan.fused and scaler is None
+    deferred = checks_on_device(plan, scaler)  # the finiteness check training makes
 
     def finite(loss):
         return finite_flag(loss, params) if deferred else finite_step(loss, params)

@@ -20,6 +20,7 @@ from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch
 
 HAS_TRITON_KERNEL = HAS_TRITON
 MAX_C = 256  # a q row block and its accumulator live in registers
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the input dtypes the kernel takes
 # Launch configuration for C <= 128 (wider rows halve block_k and use 8 warps). programs_per_sm
 # sets how many (row block, queue split) programs share the GPU: more splits keep more SMs busy
 # but write more partial states (S x N x C floats). bench/gpu_bench.py sweeps these on a GPU.
@@ -255,8 +256,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
         return info_nce_reference(q, k, queue, tau)
     if q.shape[1] > MAX_C:
         raise ValueError(f"info_nce(impl='triton'): C = {q.shape[1]} > {MAX_C}; use impl='torch'")
-    floats = (torch.float32, torch.float16, torch.bfloat16)
-    if not all(t.dtype in floats for t in (q, k, queue)):
+    if not all(t.dtype in FLOATS for t in (q, k, queue)):
         raise ValueError(f"info_nce(impl='triton'): q, k, queue must each be float32, float16 or bfloat16, "
                          f"got {q.dtype}, {k.dtype}, {queue.dtype}")
     if not (q.device == k.device == queue.device):
@@ -280,8 +280,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
 def _triton_applies(q, k, queue) -> bool:
     """What the kernel takes: C up to MAX_C, float32/float16/bfloat16, one device. An explicit
     impl="triton" outside this is an error; impl="auto" falls back to the reference."""
-    floats = (torch.float32, torch.float16, torch.bfloat16)
-    return (q.shape[1] <= MAX_C and all(t.dtype in floats for t in (q, k, queue))
+    return (q.shape[1] <= MAX_C and all(t.dtype in FLOATS for t in (q, k, queue))
             and q.device == k.device == queue.device)
 
 

@@ -31,7 +31,7 @@ def test_cache_hits_only_for_the_same_files_and_labels(tmp_path, capsys):
     f0, y0, hit = run([0, 1, 1])
     assert not hit and y0.tolist() == [0, 1, 1]
     f1, y1, hit = run([0, 1, 1])
-    assert hit and torch.equal(f1, f0)
+    assert hit and torch.equal(f1, f0) and torch.equal(y1, y0)
     # A class added elsewhere renumbers the labels of the same files: not the cached ones.
     _, y2, hit = run([1, 2, 2])
     assert not hit and y2.tolist() == [1, 2, 2]

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from fastsynth.config import Config
 from fastsynth.methods import MoCoV2
-from fastsynth.models import momentum_update
 from fastsynth.model import SynthSSL
+from fastsynth.models import momentum_update
 
 
 def test_queue_is_fifo():
@@ -269,7 +269,7 @@ def test_warmup_targets_cover_every_image_each_in_a_full_batch(tmp_path):
     feats, cached = _frozen_features(Model(), Splits(images, images), cfg, torch.device("cpu"))
     assert feats.shape == (10, 3) and cached.shape == (10, 3, 32, 32)
     means = sorted(cached.float().mean(dim=(1, 2, 3)).tolist())
-    assert len(set(round(m, 3) for m in means)) == 10  # every image once
+    assert len({round(m, 3) for m in means}) == 10  # every image once
     padded = torch.cat([cached[8:], cached[:2]]).float()
     torch.testing.assert_close(feats[8:], Centred()(padded)[:2], rtol=0, atol=2e-3)
     assert not torch.allclose(feats[8:], Centred()(cached[8:].float()), atol=1e-2)  # not the batch of 2
