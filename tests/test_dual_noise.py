@@ -177,9 +177,9 @@ def test_seed_outside_the_philox_key_range_is_an_error(impl, kdev):
     dual_noise(z, z, torch.ones(8, device=dev), 1.0, 1.0, 0.5, seed=2 ** 63 - 1, impl=impl)
 
 
-def test_auto_takes_the_reference_where_the_kernel_does_not_apply(monkeypatch):
-    """impl="auto" on CUDA tensors (simulated: the dispatch rule answers as on a GPU) runs the
-    kernel where it applies and the reference past the kernel's 32-bit noise counter."""
+def test_auto_takes_the_reference_where_the_kernel_does_not_apply(monkeypatch, kdev):
+    """impl="auto" on CUDA tensors (simulated on a CPU: the dispatch rule answers as on a GPU) runs
+    the kernel where it applies and the reference past the kernel's 32-bit noise counter."""
     calls = []
     real = mod.resolve_impl  # the dispatch rule itself, answering as for CUDA tensors
     monkeypatch.setattr(mod, "resolve_impl", lambda impl, dev, has, **kw: real(impl, "cuda", has, **kw))
@@ -191,7 +191,10 @@ def test_auto_takes_the_reference_where_the_kernel_does_not_apply(monkeypatch):
     with pytest.raises(ValueError, match="noise counter"):
         dual_noise(z, z, torch.ones(16), 1.0, 1.0, 0.5, seed=1, impl="triton")
     if mod.INTERPRET or torch.cuda.is_available():
-        out = dual_noise(z[:7], z[:7], torch.ones(16), 1.0, 1.0, 0.5, seed=1, impl="auto")
+        # The kernel's own device: CPU tensors under the interpreter, CUDA tensors on a GPU (the
+        # H200 run of 14a4910 launched it on CPU tensors here: "cannot be accessed from Triton").
+        zk = z[:7].to(kdev)
+        out = dual_noise(zk, zk, torch.ones(16, device=kdev), 1.0, 1.0, 0.5, seed=1, impl="auto")
         assert calls == ["reference"] and out.shape == (7, 16)  # the kernel ran, not the stub
 
 
@@ -340,9 +343,13 @@ def test_tuned_overrides_and_restores_tuning():
             assert mod.TUNING == {**before, "num_warps": 8, "generator": "philox2x32"}
             raise RuntimeError("inside")
     assert mod.TUNING == before
-    fb = importlib.import_module("fastsynth.kernels.feature_bank")
-    with tuned(fb):  # a module without TUNING takes no overrides, and none is fine
+    bare = importlib.import_module("fastsynth.kernels._dispatch")
+    with tuned(bare):  # a module without TUNING takes no overrides, and none is fine
         pass
     with pytest.raises(ValueError, match="no TUNING"):
-        with tuned(fb, num_warps=8):
+        with tuned(bare, num_warps=8):
             pass
+    with pytest.raises(ValueError, match="has no num_wraps"):  # a misspelt choice is no silent no-op
+        with tuned(mod, num_wraps=8):
+            pass
+    assert mod.TUNING == before
