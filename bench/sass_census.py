@@ -95,6 +95,12 @@ def cases(only=None):
         z, s = _aot.meta(b, 2048, dtype=zt), _aot.meta(b, 2048)
         out.append((f"dual_noise B={b} d=2048 z={str(zt)[6:]}", dn,
                     lambda z=z, s=s: dn._launch(z, s, _aot.meta(2048), 1.0, 1.0, 0.02, 0)))
+    fb = importlib.import_module("fastsynth.kernels.feature_bank")
+    z = _aot.meta(128, 2048)
+    out.append(("feature_bank M=65536 d=2048 B=128 z=float32", fb,
+                lambda z=z: fb._launch(z, _aot.meta(65536, 2048), _aot.meta((), dtype=torch.long),
+                                       _aot.meta(2048, dtype=torch.float64), _aot.meta(2048, dtype=torch.float64),
+                                       _aot.meta(2048), _aot.meta(1 + 2048 // fb.MIN_BLOCK_D, dtype=torch.int32))))
     return [c for c in out if only is None or c[0].startswith(only)]
 
 

@@ -17,9 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._dispatch import HAS_TRITON, resolve_impl, skip_launch, tl, triton, wrap_triton
+from ._dispatch import HAS_TRITON, num_sms, resolve_impl, skip_launch, tl, triton, wrap_triton
 
 HAS_TRITON_KERNEL = HAS_TRITON
+# block_d columns per program, rows read block_b at a time; programs_per_sm sizes the row split
+# of the once-per-rotation recompute (d / block_d column slices x chunks programs in all).
+TUNING = {"block_d": 64, "block_b": 32, "programs_per_sm": 2}
+MIN_BLOCK_D = 16  # sizes the kernel's completion counters (one per column slice)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,68 +91,137 @@ if HAS_TRITON:
         return n, mean, m2
 
     @triton.jit
-    def _bank_update_kernel(z_ptr, bank_ptr, count_ptr, mean_ptr, m2_ptr, var_ptr, done_ptr,
-                            B, M, D, stride_zb, stride_zd,
-                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Each program owns BLOCK_D columns: evict, insert, and update that slice's statistics.
+    def _ring_rows_after(z_ptr, bank_ptr, r0, end, ptr, M, B, stride_zb, D, cols, cmask,
+                         BLOCK_B: tl.constexpr):
+        """Ring rows r0 .. r0 + BLOCK_B (below `end`) as they are after this update, float64: a
+        row the batch overwrites is read from z, the others from the bank. So the recompute never
+        reads a row another program may be writing."""
+        r = r0 + tl.arange(0, BLOCK_B)
+        valid = r < end
+        i = (r - ptr + M) % M                       # position in the batch, < B where overwritten
+        new = valid & (i < B)
+        old = valid & (i >= B)
+        x = tl.load(bank_ptr + r.to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=old[:, None] & cmask[None, :], other=0.0).to(tl.float64)
+        x += tl.load(z_ptr + i.to(tl.int64)[:, None] * stride_zb + cols[None, :],
+                     mask=new[:, None] & cmask[None, :], other=0.0).to(tl.float32).to(tl.float64)
+        return x, valid
 
-        z must have unit column stride (the launcher guarantees it).
+    @triton.jit
+    def _bank_update_kernel(z_ptr, bank_ptr, count_ptr, mean_ptr, m2_ptr, var_ptr, done_ptr,
+                            pmean_ptr, pm2_ptr,
+                            B, M, D, stride_zb, stride_zd, chunk,
+                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (d, r) owns columns d * BLOCK_D ..; program (d, 0) evicts, inserts and streams
+        that slice's statistics. When this batch reaches the ring's end, every program (d, r)
+        instead takes the exact two-pass statistics of ring rows r * chunk .. (r + 1) * chunk,
+        and the last of a column slice's programs to finish merges them.
+
+        z must have unit column stride (the launcher guarantees it). done_ptr: [0] counts the
+        finished programs, [1 + d] the finished recompute chunks of slice d; all back at 0 after.
         """
         pid = tl.program_id(0)
+        pid_r = tl.program_id(1)
         cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
         cmask = cols < D
         count = tl.load(count_ptr)                       # rows ever written (int64, on device)
         ptr = count % M
         filled = tl.minimum(count, M)
+        # Once per rotation (this batch reaches the ring's end) the streamed statistics are
+        # replaced by an exact recompute over every stored row. Removing an evicted row subtracts
+        # numbers that can be far larger than what stays (features whose scale falls), and the
+        # float64 rounding left behind would otherwise never go: now it lasts at most one
+        # rotation. M / B updates apart, so O(B d) per update on average. The recompute is split
+        # over row chunks: one program per column slice read the whole bank serially (~7 ms
+        # at M 65536, d 2048 on the H200, 13 us a step on average).
+        rotate = ptr + B >= M
 
-        # Chan et al.: remove the evicted group (rows about to be overwritten), then add the batch.
-        n_r, mean_r, m2_r = _group_stats(bank_ptr, ptr, M, B, D, cols, cmask, filled,
-                                         WRAP=True, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
-        n_a, mean_a, m2_a = _group_stats(z_ptr, ptr, M, B, stride_zb, cols, cmask, filled,
-                                         WRAP=False, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
-        n = filled.to(tl.float64)
-        mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-        m2 = tl.load(m2_ptr + cols, mask=cmask, other=0.0)
+        if pid_r == 0:
+            if ptr + B < M:  # (not rotate)
+                # Chan et al.: remove the evicted group (rows about to be overwritten), add the batch.
+                n_r, mean_r, m2_r = _group_stats(bank_ptr, ptr, M, B, D, cols, cmask, filled,
+                                                 WRAP=True, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
+                n_a, mean_a, m2_a = _group_stats(z_ptr, ptr, M, B, stride_zb, cols, cmask, filled,
+                                                 WRAP=False, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
+                n = filled.to(tl.float64)
+                mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+                m2 = tl.load(m2_ptr + cols, mask=cmask, other=0.0)
 
-        n_s = n - n_r
-        keep = n_s > 0
-        n_s_safe = tl.where(keep, n_s, 1.0)
-        mean_s = tl.where(keep, (n * mean - n_r * mean_r) / n_s_safe, 0.0)
-        delta = mean_r - mean_s
-        m2_s = m2 - m2_r - delta * delta * (n_s * n_r / tl.maximum(n, 1.0))
-        m2_s = tl.where(keep, tl.maximum(m2_s, 0.0), 0.0)
+                n_s = n - n_r
+                keep = n_s > 0
+                n_s_safe = tl.where(keep, n_s, 1.0)
+                mean_s = tl.where(keep, (n * mean - n_r * mean_r) / n_s_safe, 0.0)
+                delta = mean_r - mean_s
+                m2_s = m2 - m2_r - delta * delta * (n_s * n_r / tl.maximum(n, 1.0))
+                m2_s = tl.where(keep, tl.maximum(m2_s, 0.0), 0.0)
 
-        n_new = n_s + n_a
-        delta = mean_a - mean_s
-        mean_new = mean_s + delta * (n_a / n_new)
-        m2_new = m2_s + m2_a + delta * delta * (n_s * n_a / n_new)
+                n_new = n_s + n_a
+                delta = mean_a - mean_s
+                mean_new = mean_s + delta * (n_a / n_new)
+                m2_new = m2_s + m2_a + delta * delta * (n_s * n_a / n_new)
+                var = tl.where(n_new >= 2, m2_new / tl.maximum(n_new - 1.0, 1.0), 0.0)
+                tl.store(mean_ptr + cols, mean_new, mask=cmask)
+                tl.store(m2_ptr + cols, m2_new, mask=cmask)
+                tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
 
-        # Overwrite the evicted rows with the batch (after this program read them above).
-        for b0 in range(0, B, BLOCK_B):
-            i = b0 + tl.arange(0, BLOCK_B)
-            r = (ptr + i) % M
-            m = (i < B)[:, None] & cmask[None, :]
-            x = tl.load(z_ptr + i.to(tl.int64)[:, None] * stride_zb + cols[None, :], mask=m, other=0.0)
-            tl.store(bank_ptr + r.to(tl.int64)[:, None] * D + cols[None, :], x.to(tl.float32), mask=m)
+            # Overwrite the evicted rows with the batch (after this program read them above).
+            for b0 in range(0, B, BLOCK_B):
+                i = b0 + tl.arange(0, BLOCK_B)
+                r = (ptr + i) % M
+                m = (i < B)[:, None] & cmask[None, :]
+                x = tl.load(z_ptr + i.to(tl.int64)[:, None] * stride_zb + cols[None, :], mask=m, other=0.0)
+                tl.store(bank_ptr + r.to(tl.int64)[:, None] * D + cols[None, :], x.to(tl.float32), mask=m)
 
-        # Once per rotation (this batch reaches the ring's end) the streamed statistics of these
-        # columns are replaced by an exact two-pass recompute over every stored row. Removing an
-        # evicted row subtracts numbers that can be far larger than what stays (features whose
-        # scale falls), and the float64 rounding left behind would otherwise never go: now it
-        # lasts at most one rotation. M / B updates apart, so O(B d) per update on average.
-        if ptr + B >= M:
-            tl.debug_barrier()  # the rows this program's threads just wrote, visible to all of them
-            n_new, mean_new, m2_new = _group_stats(bank_ptr, 0, M, M, D, cols, cmask, M,
-                                                   WRAP=True, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
-        var = tl.where(n_new >= 2, m2_new / tl.maximum(n_new - 1.0, 1.0), 0.0)
-        tl.store(mean_ptr + cols, mean_new, mask=cmask)
-        tl.store(m2_ptr + cols, m2_new, mask=cmask)
-        tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
+        if rotate:
+            # After this update the ring is full: every row counts. Two passes over the chunk
+            # (the second from cache), then this chunk's (mean, M2) for the merge.
+            r0 = pid_r * chunk
+            end = tl.minimum(r0 + chunk, M)
+            # Tile-shaped accumulators, reduced over rows once at the end: a reduction per tile
+            # would put cross-thread shuffles in the loop.
+            acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float64)
+            for b0 in range(r0, end, BLOCK_B):
+                x, valid = _ring_rows_after(z_ptr, bank_ptr, b0, end, ptr, M, B, stride_zb, D, cols, cmask,
+                                            BLOCK_B)
+                acc += x
+            n_c = tl.maximum(end - r0, 0).to(tl.float64)
+            mean_c = tl.sum(acc, axis=0) / tl.maximum(n_c, 1.0)
+            acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float64)
+            for b0 in range(r0, end, BLOCK_B):
+                x, valid = _ring_rows_after(z_ptr, bank_ptr, b0, end, ptr, M, B, stride_zb, D, cols, cmask,
+                                            BLOCK_B)
+                dx = tl.where(valid[:, None], x - mean_c[None, :], 0.0)
+                acc += dx * dx
+            m2_c = tl.sum(acc, axis=0)
+            tl.store(pmean_ptr + pid_r * D + cols, mean_c, mask=cmask)
+            tl.store(pm2_ptr + pid_r * D + cols, m2_c, mask=cmask)
+            # The slice's last chunk merges all of them (Chan's pairwise combine, in chunk
+            # order; stable, unlike removal). acq_rel: the other chunks' stores are visible.
+            chunks = tl.num_programs(1)
+            if tl.atomic_add(done_ptr + 1 + pid, 1) == chunks - 1:
+                n = tl.zeros([BLOCK_D], tl.float64)
+                mean = tl.zeros([BLOCK_D], tl.float64)
+                m2 = tl.zeros([BLOCK_D], tl.float64)
+                for c in range(0, chunks):
+                    n_b = (tl.minimum(c * chunk + chunk, M) - tl.minimum(c * chunk, M)).to(tl.float64)
+                    mean_b = tl.load(pmean_ptr + c * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                    m2_b = tl.load(pm2_ptr + c * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                    n_ab = n + n_b
+                    w = n_b / tl.maximum(n_ab, 1.0)
+                    delta = mean_b - mean
+                    mean = mean + delta * w
+                    m2 = m2 + m2_b + delta * delta * n * w
+                    n = n_ab
+                var = tl.where(n >= 2, m2 / tl.maximum(n - 1.0, 1.0), 0.0)
+                tl.store(mean_ptr + cols, mean, mask=cmask)
+                tl.store(m2_ptr + cols, m2, mask=cmask)
+                tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
+                tl.atomic_xchg(done_ptr + 1 + pid, 0)
 
         # The last program to finish advances the count: every program has read it by then, so
         # the pointer update needs no second launch. acq_rel atomics order the read before.
         finished = tl.atomic_add(done_ptr, 1)
-        if finished == tl.num_programs(0) - 1:
+        if finished == tl.num_programs(0) * tl.num_programs(1) - 1:
             tl.store(count_ptr, count + B)
             tl.atomic_xchg(done_ptr, 0)
 
@@ -156,10 +229,22 @@ if HAS_TRITON:
         b, d = z.shape
         if b == 0 or skip_launch(z, bank):
             return
-        block_d = 64
-        wrap_triton(_bank_update_kernel)[(triton.cdiv(d, block_d),)](
-            z, bank, count, mean, m2, var, done, b, bank.shape[0], d, z.stride(0), z.stride(1),
-            BLOCK_B=32, BLOCK_D=block_d, num_warps=4)
+        m = bank.shape[0]
+        block_d, block_b = TUNING["block_d"], TUNING["block_b"]
+        slices = triton.cdiv(d, block_d)
+        # Row chunks for the once-per-rotation recompute: about programs_per_sm programs per SM
+        # in all. On the other updates the extra programs only read the count and leave.
+        chunks = max(1, min(triton.cdiv(m, block_b),
+                            triton.cdiv(num_sms(bank.device) * TUNING["programs_per_sm"], slices)))
+        chunk = triton.cdiv(triton.cdiv(m, chunks), block_b) * block_b
+        chunks = triton.cdiv(m, chunk)
+        if done.numel() < 1 + slices:
+            raise ValueError(f"FeatureBank: completion counters for {slices} column slices, have {done.numel() - 1}")
+        partial = torch.empty(2, chunks, d, device=bank.device, dtype=torch.float64)
+        wrap_triton(_bank_update_kernel)[(slices, chunks)](
+            z, bank, count, mean, m2, var, done, partial[0], partial[1],
+            b, m, d, z.stride(0), z.stride(1), chunk,
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
 
     @torch.library.triton_op("fastsynth::feature_bank_update",
                              mutates_args=("bank", "count", "mean", "m2", "var", "done"))
@@ -189,8 +274,10 @@ class FeatureBank(nn.Module):
         self.register_buffer("mean", torch.zeros(self.dim, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(self.dim, dtype=torch.float64))
         self.register_buffer("var", torch.zeros(self.dim))
-        # Kernel-private completion counter, always back at 0 between launches: not checkpointed.
-        self.register_buffer("done", torch.zeros((), dtype=torch.int32), persistent=False)
+        # Kernel-private completion counters (all programs, then one per column slice), always back
+        # at 0 between launches: not checkpointed.
+        self.register_buffer("done", torch.zeros(1 + -(-self.dim // MIN_BLOCK_D), dtype=torch.int32),
+                             persistent=False)
 
     @property
     def ptr(self) -> torch.Tensor:

@@ -71,7 +71,8 @@ def cases():
         out.append((f"feature_bank update z={zt}", fb,
                     lambda z=z: fb._launch(z, _aot.meta(65536, 2048), _aot.meta((), dtype=torch.long),
                                            _aot.meta(2048, dtype=torch.float64), _aot.meta(2048, dtype=torch.float64),
-                                           _aot.meta(2048), _aot.meta((), dtype=torch.int32)), "fp32", {}))
+                                           _aot.meta(2048), _aot.meta(1 + 2048 // fb.MIN_BLOCK_D, dtype=torch.int32)),
+                    "fp32", {}))
     return out
 
 

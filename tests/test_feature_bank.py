@@ -183,3 +183,34 @@ def test_state_dict_roundtrip_old_layout_and_errors():
         FeatureBank(1, 2)
     with pytest.raises(ValueError, match="choose one of"):
         FeatureBank(8, 2, impl="fast")
+
+
+@pytest.mark.parametrize("block_b, per_sm", [(32, 2), (4, 2), (4, 64), (8, 3)])
+def test_rotation_recompute_merges_row_chunks_exactly(kdev, block_b, per_sm):
+    """The once-per-rotation recompute is split over row chunks (the last one uneven) and merged;
+    every update that reaches the ring's end, a batch straddling it included, leaves float64
+    statistics equal to a two-pass recompute over the stored rows, and the kernel's completion
+    counters back at 0."""
+    from fastsynth.kernels import feature_bank as fb
+    from fastsynth.kernels._dispatch import tuned
+    size, dim = 45, 21
+    bank = _bank(size, dim, "triton", kdev)
+    g = torch.Generator().manual_seed(5)
+    rotations = 0
+    with tuned(fb, block_b=block_b, programs_per_sm=per_sm, block_d=16):
+        for b in [20, 20, 11, 45, 7, 30, 16, 44, 9]:
+            before = int(bank.count) % size
+            z = 1e3 + torch.randn(b, dim, generator=g) * (1 + torch.rand(dim, generator=g))
+            bank.mean.fill_(float("nan"))            # poison: a recompute must rewrite every column
+            bank.m2.fill_(float("nan"))
+            bank.update(z.to(bank.bank.device))
+            if before + b < size:                    # a streamed update reads the old statistics:
+                bank.recompute()                     # put them back for the next one
+                continue
+            rotations += 1
+            rows = bank.bank.cpu().double()
+            torch.testing.assert_close(bank.mean.cpu(), rows.mean(dim=0), rtol=1e-13, atol=0)
+            torch.testing.assert_close(bank.m2.cpu(), ((rows - rows.mean(dim=0)) ** 2).sum(dim=0), rtol=1e-10, atol=0)
+            torch.testing.assert_close(bank.variance().cpu().double(), rows.var(dim=0), rtol=1e-6, atol=0)
+            assert int(bank.done.abs().sum()) == 0
+    assert rotations == 4
