@@ -25,7 +25,9 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the input dtypes the 
 # sets how many (row block, queue split) programs share the GPU: more splits keep more SMs busy
 # but write more partial states (S x N x C floats). bench/gpu_bench.py sweeps these on a GPU.
 # merge_tile: floats of partial accumulators the merge reads as one tile (64 registers a thread).
-TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1, "merge_tile": 8192}
+# programs_per_sm 2: 33.5 us against 36.8 us for 1 in the H200 sweep of 14a4910 (the tiled merge
+# made more splits cheap; bench/results/2026-11-26-h200-run5).
+TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "merge_tile": 8192}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +244,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
 
     impl="triton" is differentiable once (MoCo needs no more): its backward scales the dL/dq
     computed in the forward, and differentiating that gradient again is an error. impl="auto" takes
-    the reference where the kernel does not apply (C > 256, float64, mixed devices).
+    the reference where the kernel does not apply (C > 256, float64, mixed devices) and for
+    float32 q outside autocast, where the reference's matmul is faster than the exact kernel.
     Under autocast, float32 q and k are cast to the autocast dtype first, as a matmul's are.
     The logits and the p-weighted queue sum run in q's dtype on the tensor cores
     (a float32 queue under bfloat16 autocast is rounded tile by tile as it is read), with float32
@@ -251,7 +254,12 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     _check(q, k, queue)
     if not 0 < tau < math.inf:  # a temperature; the kernel scales the max, not every logit, by 1 / tau
         raise ValueError(f"info_nce: tau must be > 0 and finite, got {tau}")
-    path = resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL, applies=_triton_applies(q, k, queue))
+    # auto keeps float32 q (outside autocast, which casts it below) on the reference: the kernel's
+    # exact float32 dots run on the CUDA cores, 22x slower than the reference's cuBLAS on the H200
+    # (11.3 ms against 0.51 ms at N 256, K 65536; bench/results/2026-11-26-h200-run5).
+    tensor_cores = q.dtype != torch.float32 or torch.is_autocast_enabled(q.device.type)
+    path = resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL,
+                        applies=_triton_applies(q, k, queue) and tensor_cores)
     if path == "torch":
         return info_nce_reference(q, k, queue, tau)
     if q.shape[1] > MAX_C:

@@ -230,22 +230,29 @@ def test_compiles_without_graph_break(kdev, autocast):
 
 def test_auto_takes_the_reference_where_the_kernel_does_not_apply(monkeypatch):
     """impl="auto" on CUDA tensors (simulated: the dispatch rule answers as on a GPU) runs the
-    kernel where it applies and the reference for C > 256 or float64, instead of raising."""
+    kernel where it applies and the reference for C > 256 or float64, instead of raising, and for
+    float32 q outside autocast (the reference's matmul beats the exact float32 kernel)."""
     calls = []
     real = mod.resolve_impl  # the dispatch rule itself, answering as for CUDA tensors
     monkeypatch.setattr(mod, "resolve_impl", lambda impl, dev, has, **kw: real(impl, "cuda", has, **kw))
     monkeypatch.setattr(mod, "info_nce_reference", lambda *a: calls.append("reference") or a[0].sum() * 0)
-    for c, dtype, expect in ((300, torch.float32, "reference"), (8, torch.float64, "reference")):
+    for c, dtype, expect in ((300, torch.float16, "reference"), (8, torch.float64, "reference"),
+                             (8, torch.float32, "reference")):
         q, key, queue = _inputs(3, 5, c, dtype)
         info_nce(q, key, queue, 0.2, impl="auto")
         assert calls.pop() == expect
-    q, key, queue = _inputs(3, 5, 8, torch.float32)
     launched = []
     launch = mod._launch
-    monkeypatch.setattr(mod, "_launch", lambda *a: launched.append(1) or launch(*a))
+    monkeypatch.setattr(mod, "_launch", lambda *a: launched.append(a[0].dtype) or launch(*a))
     if mod.INTERPRET or torch.cuda.is_available():
-        info_nce(q.to(KDEV), key.to(KDEV), queue.to(KDEV), 0.2, impl="auto")
-        assert launched == [1] and not calls
+        q, key, queue = _inputs(3, 5, 8, torch.float16, device=KDEV)
+        info_nce(q, key, queue, 0.2, impl="auto")
+        q, key, queue = _inputs(3, 5, 8, torch.float32, device=KDEV)
+        info_nce(q, key, queue, 0.2, impl="triton")              # explicit: the exact kernel
+        low = torch.bfloat16 if KDEV.type == "cuda" else torch.float16
+        with torch.autocast(KDEV.type, dtype=low):               # autocast casts float32 q: the kernel
+            info_nce(q, key, queue, 0.2, impl="auto")
+        assert launched == [torch.float16, torch.float32, low] and not calls
     with pytest.raises(ValueError, match="C = 300"):
         big = _inputs(3, 5, 300, torch.float32, device=KDEV)
         info_nce(*big, 0.2, impl="triton")
