@@ -94,6 +94,9 @@ def tuned(module, **overrides):
             raise ValueError(f"{module.__name__} has no TUNING to override")
         yield
         return
+    unknown = set(overrides) - set(tuning)
+    if unknown:  # a misspelt launch choice would otherwise be a silent no-op in a sweep
+        raise ValueError(f"{module.__name__}.TUNING has no {', '.join(sorted(unknown))}")
     saved = dict(tuning)
     try:
         tuning.update(overrides)
