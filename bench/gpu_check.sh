@@ -12,10 +12,13 @@
 #
 #   PROFILE=1 DEADLINE=540 bash bench/gpu_check.sh   # a 15-minute device session's one call:
 #     kernel tests, kernel timings, then the full step (reference, then fast: its first step
-#     compiles), the loader runs in what is left; the pytest-benchmark pass is skipped (PBENCH=1
+#     compiles; then fast with CUDA graphs); the pytest-benchmark pass is skipped (PBENCH=1
 #     keeps it). Give the call timeout_s 570: with the machine's start (a minute or more) that
 #     leaves about 4 minutes, enough for one focused rerun on the still-warm machine (it goes
 #     back after 30 s idle, so rerun at once or give it back).
+#     The device tool brings back at most 8 files from its $OUT, fewer than this writes: run
+#     it with OUT elsewhere and pack it, as run5 did (bench/results/2026-11-26-h200-run5):
+#       F=$OUT; OUT=/tmp/g PROFILE=1 DEADLINE=540 bash bench/gpu_check.sh; tar czf $F/g.tgz -C /tmp/g .
 #   PROFILE=1 SKIP_KERNELS=1 DEADLINE=420 bash ...   # the full-step comparison only
 #   PROFILE_RUNS="impl data [flags];..."             # other full-step runs (see step e)
 # A profile run stopped by its timeout still leaves profile_*.json, marked "complete": false, with
@@ -167,7 +170,11 @@ if [ "$PROFILE" = 1 ]; then
     # The reference first: it is quick (no compile) and the fast path's figures mean little alone.
     # Then the fast path without compile (seconds, file suffix _nocompile): a fast-path figure
     # exists even if the compiled run's first step outlasts what is left of DEADLINE.
-    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-reference synthetic-gpu;fast synthetic-gpu --amp --no-compile;fast synthetic-gpu --amp;reference loader --loader torch;fast loader --amp --loader torch}"
+    # Then CUDA graphs through compile (reduce-overhead): on the H200 (run5) four small stages
+    # grew by 8 ms under the default compile, which looks like launch overhead. The loader runs
+    # (63-67 images/s there, CPU-bound) were measured in run5 and are left to PROFILE_RUNS:
+    #   "reference loader --loader torch;fast loader --amp --loader torch"
+    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-reference synthetic-gpu;fast synthetic-gpu --amp --no-compile;fast synthetic-gpu --amp;fast synthetic-gpu --amp --compile-mode reduce-overhead}"
     for run in "${runs[@]}"; do
         # shellcheck disable=SC2086  # an entry is words
         set -- $run
@@ -190,7 +197,7 @@ ls -l "$OUT"
 [ -f "$OUT/bench.log" ] && sed -n '/^floors:/,$p' "$OUT/bench.log"  # the timing table, last
 for f in "$OUT"/profile_*.json; do
     # A partial record (the run's timeout stopped it, or it failed) says where it was.
-    [ -f "$f" ] && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); keys=('images_per_s', 'tflops_per_s', 'mfu', 'peak_memory_bytes', 'warmup_step_s') if d.get('complete') else ('phase', 'phase_running_s', 'stopped_by', 'error', 'warmup_step_s'); print(sys.argv[1].split('/')[-1], {k: d.get(k) for k in keys})" "$f"
+    [ -f "$f" ] && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); keys=('images_per_s', 'tflops_per_s', 'mfu', 'host_enqueue_ms', 'peak_memory_bytes', 'warmup_step_s') if d.get('complete') else ('phase', 'phase_running_s', 'stopped_by', 'error', 'warmup_step_s'); print(sys.argv[1].split('/')[-1], {k: d.get(k) for k in keys})" "$f"
 done
 ok() { [ "$1" = 0 ] || [ "$1" = skipped ]; }
 ok "$tests_rc" && ok "$bench_rc" && ok "$profile_rc"

@@ -66,6 +66,7 @@ def test_figures_exist_and_add_up(runs, impl):
     assert r["flops_per_step"] > 1e8 and r["tflops_per_s"] > 0
     assert r["mfu"] is None and r["bf16_peak_tflops"] is None  # no bf16 peak for a CPU
     assert r["peak_memory_bytes"] > 0 and r["versions"]["torch"] and r["device_name"].startswith("cpu")
+    assert r["host_enqueue_ms"] > 0  # on a CPU the ops are synchronous: about a step
 
 
 def test_flops_are_the_methods_not_the_impls(runs):
