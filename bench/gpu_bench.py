@@ -15,6 +15,7 @@ import argparse
 import datetime
 import importlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -193,31 +194,41 @@ def case_info_nce(m, n, k, c, dtype, rep_ms):
         out["agreement_error"] = err_text()
     pt, pr = out["triton"].get("extra_peak_bytes"), out["torch"].get("extra_peak_bytes")
     try:  # O(N C), not O(N K): the kernel's extra memory (S x N x C partial states, S from the SM
-        # count) must not grow with the queue; measured again with a quarter of it
-        out["triton_extra_peak_bytes_k_quarter"] = peak_bytes(make_quarter(m, q, key, queue), DEV)
+        # count) must not grow with the queue; measured again at K and with a quarter of it, q.grad
+        # cleared before each (the dL/dq buffer counts in both)
+        q.grad = None
+        pt = peak_bytes(_nce_step(m, q, key, queue), DEV)
+        q.grad = None
+        out["triton_extra_peak_bytes_k_quarter"] = pq = peak_bytes(make_quarter(m, q, key, queue), DEV)
+        out["triton_extra_peak_bytes_k_full"] = pt
     except Exception:
         out["k_quarter_error"] = err_text()[-600:]
-    pq = out.get("triton_extra_peak_bytes_k_quarter")
+        pq = None
+    # Growth from K / 4 to K against what an N x K float32 logits matrix would add: a few per cent
+    # allows S to differ between the two (it is capped by the queue's tiles on small queues).
+    growth = (pt - pq) / (4 * n * (k - k // 4)) if pt is not None and pq is not None else None
     out.update(n=n, k=k, c=c, dtype=str(dtype)[6:], bytes=nbytes, flops=flops, floor_ms=floor_ms, checks=[
         *speedup_checks(out, TARGETS["info_nce_speedup"]),
         check("graph time / floor", f"<= {TARGETS['info_nce_over_floor']}", out["triton"].get("time_over_floor"),
               out["triton"].get("time_over_floor") is not None
               and out["triton"]["time_over_floor"] <= TARGETS["info_nce_over_floor"]),
-        check("extra peak, K / (K/4)", "<= 1.01 (O(N C))", pt / pq if pt and pq else None,
-              pt is not None and pq is not None and pt <= 1.01 * pq),
+        check("extra peak growth K/4 -> K / N x 3K/4 fp32", "<= 0.05 (O(N C))", growth,
+              growth is not None and growth <= 0.05),
         check("extra peak / (N C fp32)", "info", None if pt is None else pt / (4 * n * c), None)])
     out["torch_extra_peak_over_nc"] = None if pr is None else pr / (4 * n * c)
     return out
 
 
-def make_quarter(m, q, key, queue):
-    """info_nce fwd+bwd with the first quarter of the queue (the memory-scaling check)."""
-    part = queue[: queue.shape[0] // 4]
-
+def _nce_step(m, q, key, queue):
     def step():
         q.grad = None
-        m.info_nce(q, key, part, 0.2, impl="triton").backward()
+        m.info_nce(q, key, queue, 0.2, impl="triton").backward()
     return step
+
+
+def make_quarter(m, q, key, queue):
+    """info_nce fwd+bwd with the first quarter of the queue (the memory-scaling check)."""
+    return _nce_step(m, q, key, queue[: queue.shape[0] // 4])
 
 
 def case_info_nce_compile(m, n, k, c, dtype, rep_ms):
@@ -468,7 +479,7 @@ def case_feature_bank_sweep(m, size, d, b, rep_ms):
             except Exception:
                 row["error"] = err_text()[-600:]
         rows.append(row)
-    ok = [r for r in rows if "ms" in r and r["var_rel_err"] < 1e-5]
+    ok = [r for r in rows if "ms" in r and r.get("var_rel_err", math.inf) < 1e-5]
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     out = {"size": size, "d": d, "b": b, "default": dict(m.TUNING), "configs": rows, "best": best,
            "ms": best["ms"] if best else None}

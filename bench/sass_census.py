@@ -123,7 +123,7 @@ def _set_tuning(item: str) -> None:
     try:
         tuning = importlib.import_module(f"fastsynth.kernels.{name}").TUNING
     except (ModuleNotFoundError, AttributeError):
-        raise SystemExit(f"--tune {item!r}: fastsynth.kernels.{name} has no TUNING (try info_nce, dual_noise)") from None
+        raise SystemExit(f"--tune {item!r}: fastsynth.kernels.{name} has no TUNING (try info_nce, dual_noise, feature_bank)") from None
     if key not in tuning:
         raise SystemExit(f"--tune {item!r}: {name}.TUNING has no {key!r} (it has {', '.join(tuning)})")
     try:

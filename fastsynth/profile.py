@@ -375,7 +375,7 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
         "stages_ms": {k: v / steps * 1e3 for k, v in stage_s.items()}, "stages_meaning": STAGES,
         # The host's own time for a step, started on an idle GPU (below): near the step time, the
         # GPU waits for launches; on the H200 four small stages grew by 8 ms under compile.
-        "host_enqueue_ms": statistics.median(host_s) * 1e3,
+        "host_enqueue_ms": statistics.median(host_s) * 1e3, "step_syncs_host": not deferred,
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
         "flops_per_step": flops, "tflops_per_s": flops / mean / 1e12,
         "bf16_peak_tflops": peak / 1e12 if peak else None, "mfu": flops / mean / peak if peak else None,
@@ -480,8 +480,9 @@ def format_table(r: dict) -> str:
         lines.append(f"{k:<26}{v:>10.2f}{100 * v / r['step_ms']['mean']:>7.1f}")
     lines += [f"{'total (= step time)':<26}{sum(r['stages_ms'].values()):>10.2f}{100.0:>7.1f}", "",
               f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']})",
-              (f"host enqueue ms/step {r['host_enqueue_ms']:.2f} (a step started on an idle GPU; "
-               "near the step time: launch-bound)"),
+              (f"host enqueue ms/step {r['host_enqueue_ms']:.2f} (a step started on an idle GPU, "
+               + ("its data wait included; near the step time: launch-bound)" if not r.get("step_syncs_host")
+                  else "but this path syncs the host once per step: not a launch measure)")),
               (f"FLOPs/step {r['flops_per_step'] / 1e9:.2f} G   achieved {r['tflops_per_s']:.3f} TFLOP/s   "
                f"MFU vs bf16 peak {mfu}")]
     if r["trace"]:

@@ -257,7 +257,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
     # auto keeps float32 q (outside autocast, which casts it below) on the reference: the kernel's
     # exact float32 dots run on the CUDA cores, 22x slower than the reference's cuBLAS on the H200
     # (11.3 ms against 0.51 ms at N 256, K 65536; bench/results/2026-11-26-h200-run5).
-    tensor_cores = q.dtype != torch.float32 or torch.is_autocast_enabled(q.device.type)
+    cast = torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32
+    tensor_cores = (torch.get_autocast_dtype(q.device.type) if cast else q.dtype) != torch.float32
     path = resolve_impl(impl, q.device.type, HAS_TRITON_KERNEL,
                         applies=_triton_applies(q, k, queue) and tensor_cores)
     if path == "torch":
