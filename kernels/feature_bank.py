@@ -198,6 +198,7 @@ if HAS_TRITON:
             # The slice's last chunk merges all of them (Chan's pairwise combine, in chunk
             # order; stable, unlike removal). acq_rel: the other chunks' stores are visible.
             chunks = tl.num_programs(1)
+            tl.debug_barrier()  # every thread's partial stored before the release below
             if tl.atomic_add(done_ptr + 1 + pid, 1) == chunks - 1:
                 n = tl.zeros([BLOCK_D], tl.float64)
                 mean = tl.zeros([BLOCK_D], tl.float64)
@@ -220,6 +221,7 @@ if HAS_TRITON:
 
         # The last program to finish advances the count: every program has read it by then, so
         # the pointer update needs no second launch. acq_rel atomics order the read before.
+        tl.debug_barrier()  # every warp of this program has read the count and written its share
         finished = tl.atomic_add(done_ptr, 1)
         if finished == tl.num_programs(0) * tl.num_programs(1) - 1:
             tl.store(count_ptr, count + B)
