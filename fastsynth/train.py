@@ -135,9 +135,6 @@ def run(cfg) -> dict:
     if not dist.is_main():
         global _SAVED_STDOUT
         _SAVED_STDOUT, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 - errors reach stderr
-    if cfg.batch_size % world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
-                          f"the {world} processes")
     ssl_state = warm_state = None
     if cfg.resume == "if-any" and not _has_checkpoint(cfg.output_dir):
         print(f"--resume if-any: nothing to resume in {cfg.output_dir}; starting a fresh run")
@@ -149,6 +146,12 @@ def run(cfg) -> dict:
         hint = f"{cfg.dataset}-{cfg.method}-synth{cfg.synth}"
         path = dist.broadcast_object(cfg.output_dir or checkpoint.RunDir.default_path(hint))
         run_dir = checkpoint.RunDir(path, hint, active=dist.is_main())
+    # On the config the run goes on with: a resumed run takes the checkpoint's batch size, which
+    # the command line's default (checked before the resume) says nothing about.
+    if cfg.batch_size % world:
+        saved = " (the resumed run's)" if cfg.resume else ""
+        raise ConfigError(f"--batch-size {cfg.batch_size}{saved} is the global batch and must divide evenly over "
+                          f"the {world} processes")
     if cfg.deterministic:
         _deterministic(cfg)
     if cfg.tensorboard:

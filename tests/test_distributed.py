@@ -286,3 +286,31 @@ def test_uneven_global_batch_is_a_clear_error(tmp_path):
                   timeout=120)
     assert p.returncode != 0
     assert "error: --batch-size 9 is the global batch and must divide evenly over the 2 processes" in p.stderr
+
+
+def test_batch_check_judges_the_resumed_config(monkeypatch, tmp_path):
+    """The global batch must divide over the processes: checked on the batch the run goes on with.
+    A resumed run takes the checkpoint's, whatever the command line's default says."""
+    from fastsynth import checkpoint, train
+    from fastsynth import dist as fdist
+    from fastsynth.config import ConfigError, from_args
+
+    class Started(Exception):
+        pass
+
+    monkeypatch.setattr(fdist, "init", lambda device, timeout: torch.device("cpu"))
+    monkeypatch.setattr(fdist, "world", lambda: 3)
+    monkeypatch.setattr(train, "seed_everything", lambda seed: (_ for _ in ()).throw(Started()))
+    for saved, ok in ((96, True), (100, False)):
+        def resumed(cfg, saved=saved):
+            cfg.batch_size = saved
+            return cfg, checkpoint.RunDir(str(tmp_path), "", active=False), None, None
+        monkeypatch.setattr(train, "_resume_point", resumed)
+        cfg = from_args(["--resume", "auto", "--output-dir", str(tmp_path), "--device", "cpu"])
+        assert cfg.batch_size % 3  # the command line's default (64) alone fails the check
+        if ok:
+            with pytest.raises(Started):
+                train.run(cfg)
+        else:
+            with pytest.raises(ConfigError, match=r"--batch-size 100 \(the resumed run's\) .* 3 processes"):
+                train.run(cfg)
