@@ -175,6 +175,29 @@ def newest_valid(run: "RunDir", stage: str = "ssl") -> tuple[str, dict] | None:
     return None
 
 
+# Per-group choices of how an optimizer runs, not of what it computes: this run's, not the saved.
+_IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer(opt, state: dict) -> None:
+    """opt.load_state_dict(state), keeping this run's implementation flags and layouts.
+
+    --device and --impl may change on resume, and load_state_dict takes each group's flags from
+    the checkpoint: a CPU or reference-path run's SGD (fused=None) loaded into the fused CUDA
+    optimizer would reject the found_inf flag the fast path passes it. Its state tensors also
+    keep the saved memory layout, where the fused kernels want their parameters' (channels-last).
+    """
+    flags = [{k: g[k] for k in _IMPL_FLAGS if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, own in zip(opt.param_groups, flags):
+        group.update(own)
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def load_into(module: torch.nn.Module, state: dict, what: str) -> None:
     """module.load_state_dict(state), with unknown/missing keys and shape mismatches reported in
     one line (which checkpoint part, the first few keys) instead of PyTorch's long message.

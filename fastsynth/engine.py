@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsynth import dist, fast
-from fastsynth.checkpoint import FORMAT, RunDir, load_into, rng_state, rotate_and_save, save_atomic, set_rng_state
+from fastsynth.checkpoint import (FORMAT, RunDir, load_into, load_optimizer, rng_state, rotate_and_save, save_atomic,
+                                  set_rng_state)
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
 from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
@@ -153,7 +154,7 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
     bad = BadSteps(cfg.max_bad_steps)
     if state is not None:
         load_into(decoder, state["decoder"], "warmup.pt (decoder)")
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(opt, state["optimizer"])
         gen.set_state(state["generator"])
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         print(f"continuing the decoder warm-up at epoch {start_epoch + 1}, step {step}")
@@ -285,9 +286,9 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     bad = BadSteps(cfg.max_bad_steps)
     if state is not None:
         load_into(model, state["model"], "SSL checkpoint (model)")
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(opt, state["optimizer"])
         if dec_opt and state.get("decoder_optimizer"):
-            dec_opt.load_state_dict(state["decoder_optimizer"])
+            load_optimizer(dec_opt, state["decoder_optimizer"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]

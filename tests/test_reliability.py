@@ -272,3 +272,31 @@ def test_fresh_run_sets_aside_an_earlier_runs_checkpoints(tmp_path, capsys):
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
     assert len(moved) == 1 and sorted(f.name for f in moved[0].iterdir()) == ["last.pt", "ssl-step00000003.pt"]
     assert "moved them to" in capsys.readouterr().out
+
+
+def test_optimizer_state_from_another_path_keeps_this_runs_flags_and_layout():
+    """--device / --impl may change on resume: a plain SGD's state loaded into the fast path's
+    fused SGD over channels-last weights keeps fused=True (which the found_inf flag needs) and
+    gets momentum buffers in the weights' layout, with the saved values."""
+    from fastsynth.checkpoint import load_optimizer
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    plain = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    conv(torch.randn(2, 3, 8, 8)).sum().backward()
+    plain.step()
+    saved = plain.state_dict()
+    fast_conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    fused = torch.optim.SGD(fast_conv.parameters(), lr=0.1, momentum=0.9, fused=True)
+    load_optimizer(fused, saved)
+    assert fused.param_groups[0]["fused"] is True
+    w = fast_conv.weight
+    buf = fused.state[w]["momentum_buffer"]
+    assert buf.stride() == w.stride() and torch.equal(buf, plain.state[conv.weight]["momentum_buffer"])
+    fast_conv(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)).sum().backward()
+    before = w.detach().clone()
+    fused.found_inf = torch.ones(())               # the fast path's skip flag: the step is skipped
+    fused.step()
+    del fused.found_inf
+    assert torch.equal(w, before)
+    fused.step()
+    assert not torch.equal(w, before)
