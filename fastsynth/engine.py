@@ -323,6 +323,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         bad_window, window = torch.zeros((), device=device), 0
         t_epoch = t_log = time.perf_counter()
         images = images_log = steps_done = steps_log = 0
+        read = first  # batches of this epoch done: a --max-steps end can leave it unfinished
         bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
         for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
             x1, x2, x = (t.to(device, non_blocking=True, memory_format=fmt) for t in (x1, x2, x))
@@ -344,6 +345,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             bad_window += 1 - w
             window += 1
             step += 1
+            read = i + 1
             if deferred and (step % cfg.log_every == 0 or i + 1 == steps_per_epoch or step >= total_steps):
                 bad.check_window(int(bad_window), window, "SSL", step)
                 bad_window.zero_()
@@ -366,7 +368,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             if dist.any_rank(stop.requested):
                 checkpoint(*((epoch, i + 1) if i + 1 < steps_per_epoch else (epoch + 1, 0)))
                 return {"stopped": True, "ssl_steps": step}
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and i + 1 < steps_per_epoch
+                    and step < total_steps):  # the last step's checkpoint comes after the epoch's log
                 checkpoint(epoch, i + 1)
             if step >= total_steps:
                 break
@@ -379,7 +382,9 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
                  "bad_steps": bad.total, **epoch_means, **speed})
         _collapse_check(cfg.method, ctx, run, epoch)
-        checkpoint(epoch + 1, 0)
+        # Where a resume (with more --max-steps, say) goes on: this epoch's next batch if the
+        # step budget ended it early, else the next epoch.
+        checkpoint(*((epoch, read) if read < steps_per_epoch else (epoch + 1, 0)))
         if last is not None and run.active:
             save_triplets(*last, run.file("triplets.png"))
             run.log_image("triplets", run.file("triplets.png"), step)

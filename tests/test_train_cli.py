@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastsynth import eval as fs_eval
 from fastsynth import train
@@ -45,6 +46,9 @@ def test_run_folder_contents(tiny_run):
         assert all(0.0 <= v <= 1.0 for v in m.values())
     assert final["ssl_steps"] == 2
     assert json.load(open(os.path.join(tiny_run, "config.json")))["max_steps"] == 2
+    # --max-steps 2 ends the first epoch (3 batches of 8) early: a resume goes on at its batch 2
+    last = torch.load(os.path.join(tiny_run, "last.pt"), weights_only=True)
+    assert (last["step"], last["epoch"], last["batch_in_epoch"]) == (2, 0, 2)
 
 
 def test_eval_cli_reads_checkpoint(tiny_run, tmp_path, capsys):
