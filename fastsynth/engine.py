@@ -188,12 +188,16 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
             step += 1
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-        last = (total / max(done, 1)).item()  # once per epoch
+        # Every rank's share of the epoch, once per epoch: the logged figure is the global batch's.
+        total, done_all = dist.sum_over_ranks(torch.stack([total, torch.tensor(float(done), device=device)]))
+        last = (total / done_all.clamp_min(1)).item()
         run.log({"stage": "warmup", "epoch": epoch, "step": step, "l_r": last, "bad_steps": bad.total})
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(l_r=f"{last:.4f}")
         if cfg.max_steps and step >= cfg.max_steps:
             break
+        if epoch + 1 < cfg.warmup_epochs:  # a crash or SIGKILL later loses this epoch at most
+            save(epoch + 1, 0, gen.get_state(), complete=False)
     save(cfg.warmup_epochs, 0, gen.get_state(), complete=True)
     return {"warmup_l_r": last, "warmup_steps": step}
 
@@ -373,7 +377,11 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 checkpoint(epoch, i + 1)
             if step >= total_steps:
                 break
-        epoch_means = {k: (v / count.clamp_min(1)).item() for k, v in sums.items()}
+        # Every rank's share of the epoch (one collective on every rank): the logged means are
+        # the global batch's, not rank 0's shard.
+        names = sorted(sums)
+        *totals, count = dist.sum_over_ranks(torch.stack([sums[k] for k in names] + [count]))
+        epoch_means = {k: (v / count.clamp_min(1)).item() for k, v in zip(names, totals)}
         seconds = max(time.perf_counter() - t_epoch, 1e-9)
         speed = {"images_per_s": round(images / seconds, 2),  # per process
                  **_throughput(flops, peak, steps_done, seconds)}

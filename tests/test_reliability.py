@@ -300,3 +300,27 @@ def test_optimizer_state_from_another_path_keeps_this_runs_flags_and_layout():
     assert torch.equal(w, before)
     fused.step()
     assert not torch.equal(w, before)
+
+
+def test_warmup_keeps_a_checkpoint_per_epoch_through_a_crash(root, tmp_path, monkeypatch):
+    """A crash (or SIGKILL: no handler runs) in the warm-up's second epoch leaves the first
+    epoch's end in warmup.pt; --resume auto goes on from there to the end."""
+    out = tmp_path / "w"
+    real = engine.finite_step
+    calls = {"n": 0}
+
+    def crash_in_second_epoch(*args):  # 3 steps per epoch: the 5th is epoch 2's second
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "finite_step", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(train.from_args(_args(root, out, "--warmup-epochs", "3")))
+    warm = checkpoint.load(str(out / "warmup.pt"))
+    assert (warm["complete"], warm["epoch"], warm["batch_in_epoch"], warm["step"]) == (False, 1, 0, 3)
+    monkeypatch.setattr(engine, "finite_step", real)
+    assert train.main(["--resume", "auto", "--output-dir", str(out), "--stage", "warmup"]) == 0
+    warm = checkpoint.load(str(out / "warmup.pt"))
+    assert warm["complete"] is True and warm["step"] == 9
