@@ -300,6 +300,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         per_rank = state.get("rng_ranks")
         set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else state["rng"])
         print(f"continuing SSL training at epoch {start_epoch + 1}, batch {skip}, step {step}")
+        if run.active:
+            _set_aside_newer(run, step)
     elif run.active:
         _set_aside_previous_run(run)
 
@@ -520,6 +522,32 @@ def _set_aside_previous_run(run: RunDir) -> None:
     for f in old:
         os.replace(run.file(f), os.path.join(dest, f))
     print(f"note: {run.path} held SSL checkpoints of an earlier run; moved them to {dest}")
+
+
+def _set_aside_newer(run: RunDir, step: int) -> None:
+    """Resuming from an older checkpoint than the folder's newest abandons the steps after it:
+    their checkpoints move to abandoned-<time>/, or a later --resume auto (after a corrupt
+    last.pt, say) could go back to the abandoned run, and rotation would keep them over the
+    new run's. Nothing is deleted."""
+    import os
+    import time
+
+    def saved_step(name):
+        if name.startswith("ssl-step"):
+            return int(name[len("ssl-step"):-len(".pt")])
+        try:
+            return int(torch.load(run.file(name), map_location="cpu", weights_only=True).get("step", -1))
+        except Exception:  # noqa: BLE001 - unreadable: rotation drops it anyway
+            return -1
+    names = [f for f in os.listdir(run.path) if f == "last.pt" or (f.startswith("ssl-step") and f.endswith(".pt"))]
+    newer = [f for f in names if saved_step(f) > step]
+    if not newer:
+        return
+    dest = run.file(f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(dest, exist_ok=True)
+    for f in newer:
+        os.replace(run.file(f), os.path.join(dest, f))
+    print(f"note: resuming at step {step}; the later checkpoints ({', '.join(sorted(newer))}) moved to {dest}")
 
 
 def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, batch_in_epoch: int,

@@ -324,3 +324,21 @@ def test_warmup_keeps_a_checkpoint_per_epoch_through_a_crash(root, tmp_path, mon
     assert train.main(["--resume", "auto", "--output-dir", str(out), "--stage", "warmup"]) == 0
     warm = checkpoint.load(str(out / "warmup.pt"))
     assert warm["complete"] is True and warm["step"] == 9
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys):
+    """Checkpoints at steps 100, 200, 300; a resume from step 100 abandons 200 and 300: they
+    move aside, so rotation keeps the new run's files and --resume auto never returns to them."""
+    run = checkpoint.RunDir(str(tmp_path), "")
+    for s in (100, 200, 300):
+        checkpoint.rotate_and_save({"step": s}, run, keep=5)
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "ssl-step00000100.pt", "ssl-step00000200.pt"]
+    engine._set_aside_newer(run, 100)
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ssl-step00000100.pt"]
+    (aside,) = [d for d in os.listdir(tmp_path) if d.startswith("abandoned-")]
+    assert sorted(os.listdir(tmp_path / aside)) == ["last.pt", "ssl-step00000200.pt"]
+    assert "resuming at step 100" in capsys.readouterr().out
+    checkpoint.rotate_and_save({"step": 150}, run, keep=5)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 150
+    engine._set_aside_newer(run, 150)                # the newest: nothing to move
+    assert len([d for d in os.listdir(tmp_path) if d.startswith("abandoned-")]) == 1
