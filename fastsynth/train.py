@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -243,7 +244,12 @@ def main(argv=None) -> int:
         print("interrupted: the last checkpoint is in the run folder (--resume auto --output-dir RUN_FOLDER)",
               file=sys.stderr)
         return 130
-    except getattr(torch.distributed, "DistError", ()) as e:  # a rank died or a collective timed out
+    except (getattr(torch.distributed, "DistError", ()), RuntimeError) as e:  # a rank died or a collective timed out
+        # gloo (the control group, and CPU runs) reports a dead or hung peer as a plain
+        # RuntimeError: recognised by its text, and only under several processes.
+        if not isinstance(e, getattr(torch.distributed, "DistError", ())) and not (
+                dist.world() > 1 and _PEER_FAILURE.search(str(e))):
+            raise
         print(f"error: rank {dist.rank()} of {dist.world()}: {type(e).__name__}: {str(e).splitlines()[0][:300]} "
               "(another process probably failed first: see its message; continue with --resume auto)",
               file=sys.stderr)
@@ -255,6 +261,8 @@ def main(argv=None) -> int:
 
 
 _SAVED_STDOUT = None  # a non-zero rank's real stdout while it runs silenced
+# How gloo words a peer that exited or stopped answering (torch 2.11-2.14).
+_PEER_FAILURE = re.compile(r"timed out|connection (closed|reset|refused)|broken pipe", re.IGNORECASE)
 
 
 def _restore_stdout() -> None:

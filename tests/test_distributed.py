@@ -314,3 +314,21 @@ def test_batch_check_judges_the_resumed_config(monkeypatch, tmp_path):
         else:
             with pytest.raises(ConfigError, match=r"--batch-size 100 \(the resumed run's\) .* 3 processes"):
                 train.run(cfg)
+
+
+def test_a_dead_or_hung_peer_is_one_line_under_gloo(monkeypatch, capsys):
+    """gloo raises a plain RuntimeError for a peer that exited or timed out (seen with torch's
+    gloo: "Connection closed by peer", "Timed out waiting ... for recv"): one line and exit 1,
+    as for DistError; any other RuntimeError still propagates."""
+    from fastsynth import train
+    from fastsynth import dist as fdist
+    monkeypatch.setattr(fdist, "world", lambda: 2)
+    for text in ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4242",
+                 "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv"):
+        monkeypatch.setattr(train, "run", lambda cfg, text=text: (_ for _ in ()).throw(RuntimeError(text)))
+        assert train.main(["--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: rank 0 of 2: RuntimeError:") and "--resume auto" in err
+    monkeypatch.setattr(train, "run", lambda cfg: (_ for _ in ()).throw(RuntimeError("mat1 and mat2 shapes")))
+    with pytest.raises(RuntimeError, match="mat1"):
+        train.main(["--device", "cpu"])
