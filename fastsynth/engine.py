@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsynth import dist, fast
-from fastsynth.checkpoint import (FORMAT, RunDir, load_into, load_optimizer, rng_state, rotate_and_save, save_atomic,
-                                  set_rng_state)
+from fastsynth.checkpoint import (FORMAT, CheckpointError, RunDir, load_into, load_optimizer, rng_state,
+                                  rotate_and_save, save_atomic, set_rng_state)
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
 from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
@@ -288,7 +288,16 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         total_steps = min(total_steps, cfg.max_steps)
     step, start_epoch, skip, epoch_means = 0, 0, 0, {}
     bad = BadSteps(cfg.max_bad_steps)
+    train_set = train_fingerprint(splits.train)
     if state is not None:
+        saved_set = state.get("train_set")
+        if saved_set is not None and saved_set != train_set:
+            # The epoch's order, steps per epoch and the schedule's length all follow the set:
+            # another set (files added, removed, or newly rejected by the scan) is no continuation.
+            raise CheckpointError(
+                f"the training set changed since this checkpoint: {saved_set['images']} images then, "
+                f"{train_set['images']} now (or the same number, other files or labels); an exact "
+                "continuation needs the same set: restore it (--data-root, --max-bad-fraction) or start a fresh run")
         load_into(model, state["model"], "SSL checkpoint (model)")
         load_optimizer(opt, state["optimizer"])
         if dec_opt and state.get("decoder_optimizer"):
@@ -315,7 +324,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         return bad.check(_finite_everywhere(loss, params), "SSL", step)
 
     def checkpoint(epoch: int, batch: int) -> None:
-        save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total)
+        save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total, train_set)
 
     model.train()
     flops, peak = None, _device_peak(device)  # flops: per step, counted on the first batch this process sees
@@ -550,8 +559,20 @@ def _set_aside_newer(run: RunDir, step: int) -> None:
     print(f"note: resuming at step {step}; the later checkpoints ({', '.join(sorted(newer))}) moved to {dest}")
 
 
+def train_fingerprint(images) -> dict:
+    """The training set as a resume must find it again: the image count and a digest of the
+    (path below the set's common folder, label) pairs in order; the folder itself may move."""
+    import hashlib
+    import os
+    root = os.path.commonpath(images.paths) if images.paths else ""
+    h = hashlib.sha1()
+    for path, label in zip(images.paths, images.labels):
+        h.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+    return {"images": len(images.paths), "digest": h.hexdigest()}
+
+
 def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, batch_in_epoch: int,
-                    step: int, bad_steps: int = 0) -> None:
+                    step: int, bad_steps: int = 0, train_set: dict | None = None) -> None:
     """Everything an exact continuation needs; (epoch, batch_in_epoch) is the next batch to read.
 
     Called on every rank (the RNG states are gathered); only rank 0 writes.
@@ -564,5 +585,5 @@ def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch
              "model": model.state_dict(), "optimizer": opt.state_dict(),
              "decoder_optimizer": dec_opt.state_dict() if dec_opt else None,
              "scaler": scaler.state_dict() if scaler else None, "rng": rngs[0],
-             "rng_ranks": rngs if len(rngs) > 1 else None}
+             "rng_ranks": rngs if len(rngs) > 1 else None, "train_set": train_set}
     rotate_and_save(state, run, cfg.keep_checkpoints)

@@ -342,3 +342,27 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, capsys
     assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 150
     engine._set_aside_newer(run, 150)                # the newest: nothing to move
     assert len([d for d in os.listdir(tmp_path) if d.startswith("abandoned-")]) == 1
+
+
+def test_resume_refuses_a_changed_training_set(root, tmp_path, monkeypatch, capsys):
+    """The epoch order, the steps per epoch and the schedule follow the training set: a resume
+    that finds another set (here one image fewer) is a clear error, not a silent new run; the
+    same set under another folder (the data moved) resumes."""
+    import shutil
+    monkeypatch.setenv("FASTSYNTH_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    out = tmp_path / "run"
+    args = ["--dataset", "folder", "--data-root", str(data), "--output-dir", str(out), *TINY,
+            "--synth", "off", "--stage", "ssl", "--max-steps", "1"]
+    assert train.main(args) == 0
+    assert checkpoint.load(str(out / "last.pt"))["train_set"]["images"] == 24
+    moved = tmp_path / "moved"
+    shutil.move(str(data), str(moved))
+    resume = ["--resume", "auto", "--output-dir", str(out), "--max-steps", "2"]
+    assert train.main([*resume, "--data-root", str(moved)]) == 0
+    cls = sorted(os.listdir(moved / "train"))[0]
+    os.remove(moved / "train" / cls / sorted(os.listdir(moved / "train" / cls))[0])
+    capsys.readouterr()
+    assert train.main([*resume, "--data-root", str(moved), "--max-steps", "3"]) == 2
+    assert "the training set changed since this checkpoint: 24 images then, 23 now" in capsys.readouterr().err
