@@ -306,6 +306,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             scaler.load_state_dict(state["scaler"])
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         bad.total = state.get("bad_steps", 0)
+        bad.in_a_row = state.get("bad_in_a_row", 0)  # a diverging run restarted again and again still stops
         per_rank = state.get("rng_ranks")
         set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else state["rng"])
         print(f"continuing SSL training at epoch {start_epoch + 1}, batch {skip}, step {step}")
@@ -324,7 +325,13 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         return bad.check(_finite_everywhere(loss, params), "SSL", step)
 
     def checkpoint(epoch: int, batch: int) -> None:
-        save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total, train_set)
+        nonlocal window
+        if deferred and window:  # the device-side skip flags not yet read: counted before saving
+            bad.check_window(int(bad_window), window, "SSL", step)
+            bad_window.zero_()
+            window = 0
+        save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total, train_set,
+                        bad.in_a_row)
 
     model.train()
     flops, peak = None, _device_peak(device)  # flops: per step, counted on the first batch this process sees
@@ -572,7 +579,7 @@ def train_fingerprint(images) -> dict:
 
 
 def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, batch_in_epoch: int,
-                    step: int, bad_steps: int = 0, train_set: dict | None = None) -> None:
+                    step: int, bad_steps: int = 0, train_set: dict | None = None, bad_in_a_row: int = 0) -> None:
     """Everything an exact continuation needs; (epoch, batch_in_epoch) is the next batch to read.
 
     Called on every rank (the RNG states are gathered); only rank 0 writes.
@@ -585,5 +592,5 @@ def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch
              "model": model.state_dict(), "optimizer": opt.state_dict(),
              "decoder_optimizer": dec_opt.state_dict() if dec_opt else None,
              "scaler": scaler.state_dict() if scaler else None, "rng": rngs[0],
-             "rng_ranks": rngs if len(rngs) > 1 else None, "train_set": train_set}
+             "rng_ranks": rngs if len(rngs) > 1 else None, "train_set": train_set, "bad_in_a_row": bad_in_a_row}
     rotate_and_save(state, run, cfg.keep_checkpoints)

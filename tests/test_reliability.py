@@ -366,3 +366,34 @@ def test_resume_refuses_a_changed_training_set(root, tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert train.main([*resume, "--data-root", str(moved), "--max-steps", "3"]) == 2
     assert "the training set changed since this checkpoint: 24 images then, 23 now" in capsys.readouterr().err
+
+
+def test_bad_steps_in_a_row_survive_a_resume(root, tmp_path, monkeypatch, capsys):
+    """A diverging run (every step non-finite) stopped after 2 bad steps and resumed stops at the
+    limit counted across the restart: the count in a row is in the checkpoint."""
+    from fastsynth.model import SynthSSL
+    forward = SynthSSL.forward
+
+    def always_nan(self, *args, **kwargs):
+        loss, parts, ctx, out = forward(self, *args, **kwargs)
+        return loss * float("nan"), parts, ctx, out
+
+    calls = {"n": 0}
+    cosine = engine._cosine
+
+    def stop_after_two(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return cosine(*args)
+
+    monkeypatch.setattr(SynthSSL, "forward", always_nan)
+    monkeypatch.setattr(engine, "_cosine", stop_after_two)
+    out = tmp_path / "div"
+    assert train.main(_args(root, out, "--synth", "off", "--stage", "ssl", "--max-bad-steps", "3")) == 0
+    ckpt = checkpoint.load(str(out / "last.pt"))
+    assert (ckpt["bad_steps"], ckpt["bad_in_a_row"]) == (3, 3)
+    monkeypatch.setattr(engine, "_cosine", cosine)
+    capsys.readouterr()
+    assert train.main(["--resume", "auto", "--output-dir", str(out)]) == 1
+    assert "4 non-finite SSL steps in a row" in capsys.readouterr().err
