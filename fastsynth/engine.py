@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
+import random
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,9 +21,9 @@ from fastsynth.checkpoint import (FORMAT, CheckpointError, RunDir, load_into, lo
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
 from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
-from fastsynth.guard import BadSteps, StopRequest, finite_flag, finite_step
 from fastsynth.data.transforms import SSLViews, plain
 from fastsynth.figures import save_triplets
+from fastsynth.guard import BadSteps, StopRequest, finite_flag, finite_step
 from fastsynth.model import SynthSSL
 from fastsynth.models import frozen_bn_stats
 from fastsynth.progress import tqdm
@@ -308,7 +310,14 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         bad.total = state.get("bad_steps", 0)
         bad.in_a_row = state.get("bad_in_a_row", 0)  # a diverging run restarted again and again still stops
         per_rank = state.get("rng_ranks")
-        set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else state["rng"])
+        if per_rank and len(per_rank) == world:
+            set_rng_state(per_rank[rank])
+        else:
+            set_rng_state(state["rng"])
+            if rank:  # another number of processes: ranks > 0 must not repeat rank 0's random streams
+                torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + rank)
+                np.random.seed((cfg.seed * 1_000_003 + step * 7_919 + rank) % 2**32)
+                random.seed(cfg.seed * 1_000_003 + step * 7_919 + rank)
         print(f"continuing SSL training at epoch {start_epoch + 1}, batch {skip}, step {step}")
         if run.active:
             _set_aside_newer(run, step)

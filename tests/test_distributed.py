@@ -320,8 +320,8 @@ def test_a_dead_or_hung_peer_is_one_line_under_gloo(monkeypatch, capsys):
     """gloo raises a plain RuntimeError for a peer that exited or timed out (seen with torch's
     gloo: "Connection closed by peer", "Timed out waiting ... for recv"): one line and exit 1,
     as for DistError; any other RuntimeError still propagates."""
-    from fastsynth import train
     from fastsynth import dist as fdist
+    from fastsynth import train
     monkeypatch.setattr(fdist, "world", lambda: 2)
     for text in ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4242",
                  "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv"):
@@ -332,3 +332,21 @@ def test_a_dead_or_hung_peer_is_one_line_under_gloo(monkeypatch, capsys):
     monkeypatch.setattr(train, "run", lambda cfg: (_ for _ in ()).throw(RuntimeError("mat1 and mat2 shapes")))
     with pytest.raises(RuntimeError, match="mat1"):
         train.main(["--device", "cpu"])
+
+
+def test_epoch_order_does_not_depend_on_the_number_of_processes():
+    """Each global batch is the same set of images under 1, 2 or 3 processes (the same global
+    batch size), so a run resumed under another world size reads the epoch's remaining images;
+    and seed s at epoch e + 1 is not seed s + 1 at epoch e."""
+    from fastsynth.data.loaders import rank_order
+    n, global_b = 40, 6
+    for epoch in (0, 3):
+        single = rank_order(n, 7, epoch)
+        for world in (2, 3):
+            local = global_b // world
+            shards = [rank_order(n, 7, epoch, r, world) for r in range(world)]
+            for j in range(n // global_b):
+                got = sorted(i for s in shards for i in s[j * local:(j + 1) * local])
+                assert got == sorted(single[j * global_b:(j + 1) * global_b]), (epoch, world, j)
+    for world in (1, 2):
+        assert rank_order(n, 7, 1, 0, world) != rank_order(n, 8, 0, 0, world)

@@ -13,7 +13,7 @@ API (everything imports nvidia.dali lazily, so ``import fastsynth.data.dali`` al
   (NCHW, ImageNet-normalised) on the CPU or on ``cuda:device_id``; labels and indices B int64 on
   the host, indices = positions in ``images``. Full batches only; ``len()`` = batches this epoch.
   The batches hold exactly the indices of ``epoch_loader`` for the same (seed, epoch,
-  skip_batches), with ``num_shards`` ranks as its DistributedSampler splits them.
+  skip_batches), with ``num_shards`` ranks as loaders.rank_order splits them.
 - ``make_dali_eval_loader(images, image_size, batch_size, *, train=False, shuffle=False, seed=0,
   epoch=0, device=..., device_id=..., shard_id=0, num_shards=1, workers=1)``: yields
   ``(x, labels, indices)`` over every sample of the shard once, the last batch partial;
@@ -268,20 +268,11 @@ def _check(images: ImageList, batch_size: int, shard_id: int, num_shards: int) -
 
 
 def _shard_orders(n: int, seed: int, epoch: int, num_shards: int) -> list[list[int]]:
-    """Each shard's sample order for one epoch, exactly as loaders.epoch_loader draws it: one
-    (seed, epoch) permutation alone, or DistributedSampler's per-rank slices with several ranks,
-    so switching --loader changes neither the batches nor which rank reads them."""
-    if num_shards == 1:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        return [torch.randperm(n, generator=g).tolist()]
-    from torch.utils.data.distributed import DistributedSampler
-    orders = []
-    for rank in range(num_shards):  # every rank's slice: the reader needs the whole list
-        sampler = DistributedSampler(range(n), num_replicas=num_shards, rank=rank, shuffle=True, seed=seed,
-                                     drop_last=True)
-        sampler.set_epoch(epoch)
-        orders.append(list(sampler))
-    return orders
+    """Each shard's sample order for one epoch, exactly as loaders.epoch_loader draws it
+    (loaders.rank_order), so switching --loader changes neither the batches nor which rank
+    reads them."""
+    from fastsynth.data.loaders import rank_order
+    return [rank_order(n, seed, epoch, rank, num_shards) for rank in range(num_shards)]
 
 
 def make_dali_ssl_loader(images: ImageList, image_size: int, batch_size: int, *, seed: int, epoch: int = 0,

@@ -60,6 +60,21 @@ def make_loader(images: ImageList, transform, batch_size: int, *, shuffle: bool,
                       pin_memory=pin_memory, persistent_workers=workers > 0)
 
 
+def rank_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
+    """This rank's sample order for one epoch: one permutation of the n samples drawn from
+    (seed, epoch) alone, rank r taking every world-th entry from r (the tail that does not give
+    every rank one more is left out).
+
+    So each global batch is a contiguous run of the same permutation whatever the number of
+    processes: a run resumed under another world size reads the epoch's remaining images, and
+    seeds give independent orders (DistributedSampler's seed + epoch made seed s at epoch e + 1
+    read seed s + 1's epoch e).
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    return order[: n // world * world][rank::world].tolist()
+
+
 def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int, skip_batches: int = 0,
                  workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
     """Full batches of `dataset` in an order fixed by (seed, epoch), from batch `skip_batches` on.
@@ -68,18 +83,11 @@ def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int, skip_
     batches it had not seen. The loader's own generator is seeded too: without one, DataLoader
     draws its worker seed from the global RNG, which would shift every later random draw.
 
-    Several ranks: `batch_size` is the per-rank batch and each rank reads its own shard, chosen
-    by a DistributedSampler with the same (seed, epoch) on every rank; the shards are disjoint
-    and together cover the epoch (less the few images that do not fill a batch on every rank).
+    Several ranks: `batch_size` is the per-rank batch and each rank reads its own shard of the
+    one (seed, epoch) permutation (rank_order); the shards are disjoint and together cover the
+    epoch (less the few images that do not fill a batch on every rank).
     """
-    if world == 1:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(len(dataset), generator=g)
-    else:
-        from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), dtype=torch.long)
+    order = torch.tensor(rank_order(len(dataset), seed, epoch, rank, world), dtype=torch.long)
     full = len(order) // batch_size * batch_size
     indices = order[:full][skip_batches * batch_size:].tolist()
     # Workers' augmentation seeds come from this generator: distinct per rank.
