@@ -339,8 +339,13 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             bad.check_window(int(bad_window), window, "SSL", step)
             bad_window.zero_()
             window = 0
+        partial = None
+        if batch:  # mid-epoch: the epoch's sums so far (all ranks'), so its logged means cover it all
+            names = sorted(sums)
+            *totals, n = dist.sum_over_ranks(torch.stack([sums[k] for k in names] + [count])).tolist()
+            partial = {"sums": dict(zip(names, totals)), "count": n}
         save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total, train_set,
-                        bad.in_a_row)
+                        bad.in_a_row, partial)
 
     model.train()
     flops, peak = None, _device_peak(device)  # flops: per step, counted on the first batch this process sees
@@ -351,6 +356,14 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         loader = _ssl_loader(plan, dataset, splits, cfg, local_bs, epoch, first, device)
         # Sums and counts stay on the device; they are read every --log-every steps.
         sums, count, last, ctx = {}, torch.zeros((), device=device), None, {}  # last: (x, x_hat, x_tilde)
+        if first and state is not None and state.get("epoch_partial"):
+            # A mid-epoch resume: the steps before it count in this epoch's means (rank 0 holds
+            # the saved global sums; the other ranks the same keys at zero).
+            saved = state["epoch_partial"]
+            own = 1.0 if rank == 0 else 0.0
+            sums = {k: torch.tensor(v * own, device=device) for k, v in saved["sums"].items()}
+            count = torch.tensor(saved["count"] * own, device=device)
+        stopping = False
         bad_window, window = torch.zeros((), device=device), 0
         t_epoch = t_log = time.perf_counter()
         images = images_log = steps_done = steps_log = 0
@@ -397,7 +410,10 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             # Checkpoints at the end of a step, before the loader draws the next batch's
             # augmentations: the saved RNG state is the one the next step starts from.
             if dist.any_rank(stop.requested):
-                checkpoint(*((epoch, i + 1) if i + 1 < steps_per_epoch else (epoch + 1, 0)))
+                if i + 1 == steps_per_epoch:  # the epoch is done: log and checkpoint it as any other
+                    stopping = True
+                    break
+                checkpoint(epoch, i + 1)
                 return {"stopped": True, "ssl_steps": step}
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and i + 1 < steps_per_epoch
                     and step < total_steps):  # the last step's checkpoint comes after the epoch's log
@@ -423,6 +439,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         if last is not None and run.active:
             save_triplets(*last, run.file("triplets.png"))
             run.log_image("triplets", run.file("triplets.png"), step)
+        if stopping:
+            return {"stopped": True, "ssl_steps": step}
     return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step, "bad_steps": bad.total}
 
 
@@ -588,7 +606,8 @@ def train_fingerprint(images) -> dict:
 
 
 def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, batch_in_epoch: int,
-                    step: int, bad_steps: int = 0, train_set: dict | None = None, bad_in_a_row: int = 0) -> None:
+                    step: int, bad_steps: int = 0, train_set: dict | None = None, bad_in_a_row: int = 0,
+                    epoch_partial: dict | None = None) -> None:
     """Everything an exact continuation needs; (epoch, batch_in_epoch) is the next batch to read.
 
     Called on every rank (the RNG states are gathered); only rank 0 writes.
@@ -601,5 +620,6 @@ def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch
              "model": model.state_dict(), "optimizer": opt.state_dict(),
              "decoder_optimizer": dec_opt.state_dict() if dec_opt else None,
              "scaler": scaler.state_dict() if scaler else None, "rng": rngs[0],
-             "rng_ranks": rngs if len(rngs) > 1 else None, "train_set": train_set, "bad_in_a_row": bad_in_a_row}
+             "rng_ranks": rngs if len(rngs) > 1 else None, "train_set": train_set, "bad_in_a_row": bad_in_a_row,
+             "epoch_partial": epoch_partial}
     rotate_and_save(state, run, cfg.keep_checkpoints)

@@ -61,6 +61,9 @@ def test_sigterm_checkpoints_then_resume_equals_uninterrupted(root, tmp_path, mo
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert json.load(open(b / "final_metrics.json"))["metrics"]["trained"].keys()
+    # The interrupted epoch's logged means cover its steps before the stop too (saved with it).
+    last_a, last_b = ([json.loads(line) for line in open(d / "metrics.jsonl") if '"ssl"' in line][-1] for d in (a, b))
+    assert (last_b["epoch"], last_b["loss"]) == (last_a["epoch"], last_a["loss"])
 
 
 def test_sigkill_mid_run_resumes_from_last_checkpoint(root, tmp_path):
@@ -397,3 +400,25 @@ def test_bad_steps_in_a_row_survive_a_resume(root, tmp_path, monkeypatch, capsys
     capsys.readouterr()
     assert train.main(["--resume", "auto", "--output-dir", str(out)]) == 1
     assert "4 non-finite SSL steps in a row" in capsys.readouterr().err
+
+
+def test_stop_on_an_epochs_last_batch_still_logs_the_epoch(root, tmp_path, monkeypatch):
+    """SIGTERM during an epoch's last step: the epoch is complete, so its record and its
+    end-of-epoch checkpoint (next epoch, batch 0) are written before the clean exit."""
+    calls = {"n": 0}
+    cosine = engine._cosine
+
+    def stop_in_third(*args):  # 3 steps per epoch: the third is epoch 1's last
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return cosine(*args)
+
+    monkeypatch.setattr(engine, "_cosine", stop_in_third)
+    out = tmp_path / "s"
+    assert train.main(_args(root, out, "--synth", "off", "--stage", "ssl")) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(r["epoch"], r["step"]) for r in records if r["stage"] == "ssl"] == [(0, 3)]
+    ckpt = checkpoint.load(str(out / "last.pt"))
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["epoch_partial"]) == (3, 1, 0, None)
+    assert not (out / "final_metrics.json").exists()
