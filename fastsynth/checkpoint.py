@@ -188,9 +188,11 @@ def load_optimizer(opt, state: dict) -> None:
     keep the saved memory layout, where the fused kernels want their parameters' (channels-last).
     """
     flags = [{k: g[k] for k in _IMPL_FLAGS if k in g} for g in opt.param_groups]
+    # This run's flags written into the saved groups before loading: torch places each state
+    # tensor (Adam's `step` on the device for fused/capturable, else on the host) by them.
+    state = {**state, "param_groups": [{**saved, **own} for saved, own in zip(state["param_groups"], flags)]}
     opt.load_state_dict(state)
-    for group, own in zip(opt.param_groups, flags):
-        group.update(own)
+    for group in opt.param_groups:
         for p in group["params"]:
             st = opt.state.get(p, {})
             for k, v in st.items():

@@ -309,6 +309,10 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         bad.total = state.get("bad_steps", 0)
         bad.in_a_row = state.get("bad_in_a_row", 0)  # a diverging run restarted again and again still stops
+        epoch_means = dict(state.get("epoch_means") or {})  # final_* even if no epoch is left to run
+        if skip and state.get("data_order") != DATA_ORDER and (world > 1 or state.get("rng_ranks")):
+            print("warning: this mid-epoch checkpoint of a multi-process run predates the epoch order every "
+                  "world size shares: the rest of this epoch reads another order (some images twice, some not)")
         per_rank = state.get("rng_ranks")
         if per_rank and len(per_rank) == world:
             set_rng_state(per_rank[rank])
@@ -345,7 +349,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             *totals, n = dist.sum_over_ranks(torch.stack([sums[k] for k in names] + [count])).tolist()
             partial = {"sums": dict(zip(names, totals)), "count": n}
         save_checkpoint(model, opt, dec_opt, scaler, cfg, run, epoch, batch, step, bad.total, train_set,
-                        bad.in_a_row, partial)
+                        bad.in_a_row, partial, epoch_means)
 
     model.train()
     flops, peak = None, _device_peak(device)  # flops: per step, counted on the first batch this process sees
@@ -423,8 +427,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         # Every rank's share of the epoch (one collective on every rank): the logged means are
         # the global batch's, not rank 0's shard.
         names = sorted(sums)
-        *totals, count = dist.sum_over_ranks(torch.stack([sums[k] for k in names] + [count]))
-        epoch_means = {k: (v / count.clamp_min(1)).item() for k, v in zip(names, totals)}
+        *totals, n_all = dist.sum_over_ranks(torch.stack([sums[k] for k in names] + [count]))
+        epoch_means = {k: (v / n_all.clamp_min(1)).item() for k, v in zip(names, totals)}
         seconds = max(time.perf_counter() - t_epoch, 1e-9)
         speed = {"images_per_s": round(images / seconds, 2),  # per process
                  **_throughput(flops, peak, steps_done, seconds)}
@@ -576,11 +580,11 @@ def _set_aside_newer(run: RunDir, step: int) -> None:
     import time
 
     def saved_step(name):
-        if name.startswith("ssl-step"):
-            return int(name[len("ssl-step"):-len(".pt")])
         try:
+            if name.startswith("ssl-step"):
+                return int(name[len("ssl-step"):-len(".pt")])
             return int(torch.load(run.file(name), map_location="cpu", weights_only=True).get("step", -1))
-        except Exception:  # noqa: BLE001 - unreadable: rotation drops it anyway
+        except Exception:  # noqa: BLE001 - a renamed or unreadable file: left where it is
             return -1
     names = [f for f in os.listdir(run.path) if f == "last.pt" or (f.startswith("ssl-step") and f.endswith(".pt"))]
     newer = [f for f in names if saved_step(f) > step]
@@ -593,21 +597,27 @@ def _set_aside_newer(run: RunDir, step: int) -> None:
     print(f"note: resuming at step {step}; the later checkpoints ({', '.join(sorted(newer))}) moved to {dest}")
 
 
+DATA_ORDER = 2  # loaders.rank_order (checkpoints without it: DistributedSampler's order for several ranks)
+
+
 def train_fingerprint(images) -> dict:
     """The training set as a resume must find it again: the image count and a digest of the
     (path below the set's common folder, label) pairs in order; the folder itself may move."""
     import hashlib
     import os
-    root = os.path.commonpath(images.paths) if images.paths else ""
+    try:  # the folder above every file (a single file's own folder too)
+        root = os.path.commonpath([os.path.dirname(p) for p in images.paths]) if images.paths else ""
+    except ValueError:  # no common folder (other drives): the paths as they are
+        root = None
     h = hashlib.sha1()
     for path, label in zip(images.paths, images.labels):
-        h.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+        h.update(f"{os.path.relpath(path, root) if root is not None else path}\t{label}\n".encode())
     return {"images": len(images.paths), "digest": h.hexdigest()}
 
 
 def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch: int, batch_in_epoch: int,
                     step: int, bad_steps: int = 0, train_set: dict | None = None, bad_in_a_row: int = 0,
-                    epoch_partial: dict | None = None) -> None:
+                    epoch_partial: dict | None = None, epoch_means: dict | None = None) -> None:
     """Everything an exact continuation needs; (epoch, batch_in_epoch) is the next batch to read.
 
     Called on every rank (the RNG states are gathered); only rank 0 writes.
@@ -621,5 +631,6 @@ def save_checkpoint(model, opt, dec_opt, scaler, cfg: Config, run: RunDir, epoch
              "decoder_optimizer": dec_opt.state_dict() if dec_opt else None,
              "scaler": scaler.state_dict() if scaler else None, "rng": rngs[0],
              "rng_ranks": rngs if len(rngs) > 1 else None, "train_set": train_set, "bad_in_a_row": bad_in_a_row,
-             "epoch_partial": epoch_partial}
+             "epoch_partial": epoch_partial, "epoch_means": epoch_means or {},
+             "data_order": DATA_ORDER}
     rotate_and_save(state, run, cfg.keep_checkpoints)

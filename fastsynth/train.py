@@ -262,7 +262,7 @@ def main(argv=None) -> int:
 
 _SAVED_STDOUT = None  # a non-zero rank's real stdout while it runs silenced
 # How gloo words a peer that exited or stopped answering (torch 2.11-2.14).
-_PEER_FAILURE = re.compile(r"timed out|connection (closed|reset|refused)|broken pipe", re.IGNORECASE)
+_PEER_FAILURE = re.compile(r"gloo|timed out waiting|connection (closed|reset|refused)|broken pipe", re.IGNORECASE)
 
 
 def _restore_stdout() -> None:

@@ -422,3 +422,28 @@ def test_stop_on_an_epochs_last_batch_still_logs_the_epoch(root, tmp_path, monke
     ckpt = checkpoint.load(str(out / "last.pt"))
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["epoch_partial"]) == (3, 1, 0, None)
     assert not (out / "final_metrics.json").exists()
+
+
+def test_adam_state_from_a_plain_run_steps_in_the_fused_adam():
+    """The decoder's Adam: a plain run's state (its `step` a host tensor) loaded into the fused
+    Adam keeps fused=True and steps, skipped steps included (on a GPU torch places `step` by
+    the groups' flags, which load_optimizer sets to this run's before loading)."""
+    from fastsynth.checkpoint import load_optimizer
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    plain = torch.optim.Adam(lin.parameters(), lr=1e-3)
+    lin(torch.randn(5, 4)).sum().backward()
+    plain.step()
+    fast_lin = torch.nn.Linear(4, 3)
+    fused = torch.optim.Adam(fast_lin.parameters(), lr=1e-3, fused=True)
+    load_optimizer(fused, plain.state_dict())
+    assert fused.param_groups[0]["fused"] is True
+    assert float(fused.state[fast_lin.weight]["step"]) == 1.0
+    fast_lin(torch.randn(5, 4)).sum().backward()
+    before = fast_lin.weight.detach().clone()
+    fused.found_inf = torch.ones(())
+    fused.step()
+    del fused.found_inf
+    assert torch.equal(fast_lin.weight, before)
+    fused.step()
+    assert float(fused.state[fast_lin.weight]["step"]) == 2.0 and not torch.equal(fast_lin.weight, before)
