@@ -556,19 +556,29 @@ def _finite_everywhere(loss: torch.Tensor, params) -> bool:
     return not dist.any_rank(not finite_step(loss, params))
 
 
+def _ssl_checkpoints(run: RunDir) -> list[str]:
+    import os
+    return [f for f in os.listdir(run.path) if f == "last.pt" or (f.startswith("ssl-step") and f.endswith(".pt"))]
+
+
+def _move_aside(run: RunDir, names: list[str], prefix: str) -> str:
+    """Move checkpoint files into <prefix>-<time>/ of the run folder (nothing is deleted)."""
+    import os
+    import time
+    dest = run.file(f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(dest, exist_ok=True)
+    for f in names:
+        os.replace(run.file(f), os.path.join(dest, f))
+    return dest
+
+
 def _set_aside_previous_run(run: RunDir) -> None:
     """A fresh SSL run in a folder that holds an earlier run's checkpoints moves them to
     previous-<time>/: `--resume auto` must never pick up a stale run, and nothing is deleted."""
-    import os
-    import time
-    old = [f for f in os.listdir(run.path) if f == "last.pt" or (f.startswith("ssl-step") and f.endswith(".pt"))]
-    if not old:
-        return
-    dest = run.file(f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(dest, exist_ok=True)
-    for f in old:
-        os.replace(run.file(f), os.path.join(dest, f))
-    print(f"note: {run.path} held SSL checkpoints of an earlier run; moved them to {dest}")
+    old = _ssl_checkpoints(run)
+    if old:
+        dest = _move_aside(run, old, "previous")
+        print(f"note: {run.path} held SSL checkpoints of an earlier run; moved them to {dest}")
 
 
 def _set_aside_newer(run: RunDir, step: int) -> None:
@@ -576,9 +586,6 @@ def _set_aside_newer(run: RunDir, step: int) -> None:
     their checkpoints move to abandoned-<time>/, or a later --resume auto (after a corrupt
     last.pt, say) could go back to the abandoned run, and rotation would keep them over the
     new run's. Nothing is deleted."""
-    import os
-    import time
-
     def saved_step(name):
         try:
             if name.startswith("ssl-step"):
@@ -586,15 +593,10 @@ def _set_aside_newer(run: RunDir, step: int) -> None:
             return int(torch.load(run.file(name), map_location="cpu", weights_only=True).get("step", -1))
         except Exception:  # noqa: BLE001 - a renamed or unreadable file: left where it is
             return -1
-    names = [f for f in os.listdir(run.path) if f == "last.pt" or (f.startswith("ssl-step") and f.endswith(".pt"))]
-    newer = [f for f in names if saved_step(f) > step]
-    if not newer:
-        return
-    dest = run.file(f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(dest, exist_ok=True)
-    for f in newer:
-        os.replace(run.file(f), os.path.join(dest, f))
-    print(f"note: resuming at step {step}; the later checkpoints ({', '.join(sorted(newer))}) moved to {dest}")
+    newer = [f for f in _ssl_checkpoints(run) if saved_step(f) > step]
+    if newer:
+        dest = _move_aside(run, newer, "abandoned")
+        print(f"note: resuming at step {step}; the later checkpoints ({', '.join(sorted(newer))}) moved to {dest}")
 
 
 DATA_ORDER = 2  # loaders.rank_order (checkpoints without it: DistributedSampler's order for several ranks)
