@@ -168,7 +168,11 @@ def main(argv=None) -> int:
                               os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "bad_files.txt"))
         cache = (os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "features"),
                  file_digest(args.checkpoint))
-        res = evaluate_encoder(model.encoder.to(device), splits, cfg, device, cache=cache)
+        # The loader the run's plan picks (DALI where it imports on the fast path), as train.py's
+        # own evaluation does: the same view of the test images, bit for bit.
+        from fastsynth import fast
+        res = evaluate_encoder(model.encoder.to(device), splits, cfg, device, cache=cache,
+                               loader=fast.resolve(cfg, device).loader)
     except (CheckpointError, ConfigError, DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -216,3 +216,27 @@ def test_colour_and_blur_follow_torchvision(images):
     _, out = _run_ops(path, lambda img: fn.gaussian_blur(img, window_size=5, sigma=1.3))
     mean, worst = levels(out, TF.gaussian_blur(pil, 5, 1.3))
     assert mean < 0.5 and worst <= 2, (mean, worst)
+
+
+def test_a_format_dali_cannot_decode_is_excluded_by_the_scan(images, tmp_path):
+    """A GIF named .jpg decodes in PIL (the torch loader would train on it) but stops a DALI
+    pipeline mid-epoch without naming the file: the scan excludes it for both loaders, and the
+    DALI loader then runs over the cleaned list."""
+    from fastsynth.data.base import Splits
+    from fastsynth.data.scan import check_image, clean_splits
+    gif = str(tmp_path / "gif_as.jpg")
+    Image.open(images.paths[0]).convert("RGB").save(gif, format="GIF")
+    mixed = ImageList([gif, *images.paths[:7]], [0, *images.labels[:7]])  # classes 0 and 1
+    with pytest.raises(RuntimeError):  # why: DALI's own failure on the file
+        for _ in D.make_dali_eval_loader(ImageList([gif, images.paths[1]], [0, 0], images.classes), S, 2):
+            pass
+    assert check_image(gif).startswith("GIF image (the DALI loader cannot decode it")
+    cleaned = clean_splits(Splits(mixed, mixed), 0.2, str(tmp_path / "bad.txt")).train
+    assert cleaned.paths == images.paths[:7]
+    assert sum(len(b[2]) for b in D.make_dali_eval_loader(cleaned, S, 3)) == 7
+
+
+def test_eval_loader_with_fewer_images_than_shards_is_a_clear_error(images):
+    one = ImageList(images.paths[:1], images.labels[:1], images.classes)
+    with pytest.raises(ValueError, match="1 image.* cannot be split over 2 shards"):
+        D.make_dali_eval_loader(one, S, 2, shard_id=1, num_shards=2)

@@ -207,8 +207,9 @@ def _salt(folder, make):
         with open(os.path.join(folder, name), "wb") as fh:
             fh.write(blob)
     Image.fromarray(photo[:4, :4]).save(os.path.join(folder, "tiny.png"))
+    Image.fromarray(photo).save(os.path.join(folder, "gif_as.jpg"), format="GIF")  # PIL reads it; DALI cannot
     os.remove(os.path.join(folder, "whole.jpg"))
-    return set(good), set(bad) | {"tiny.png"}
+    return set(good), set(bad) | {"tiny.png", "gif_as.jpg"}
 
 
 def test_bad_files_are_excluded_reported_and_limited(root, tmp_path, monkeypatch):
@@ -226,6 +227,7 @@ def test_bad_files_are_excluded_reported_and_limited(root, tmp_path, monkeypatch
     assert {os.path.basename(line.split("\t")[1]) for line in lines} == bad
     reasons = {os.path.basename(line.split("\t")[1]): line.split("\t")[2] for line in lines}
     assert reasons["empty.jpg"] == "zero-byte file" and reasons["tiny.png"].startswith("too small")
+    assert reasons["gif_as.jpg"].startswith("GIF image (the DALI loader cannot decode it")
     from fastsynth.data.loaders import load_rgb
     for name in good:  # converted, not rejected; 16-bit keeps its contrast
         im = load_rgb(str(data / "train" / cls / name))

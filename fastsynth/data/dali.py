@@ -300,6 +300,8 @@ def make_dali_eval_loader(images: ImageList, image_size: int, batch_size: int, *
     """Every sample once: (x, labels, indices), last batch partial; see the module docstring."""
     _check(images, batch_size, shard_id, num_shards)
     n = len(images)
+    if n < num_shards:  # DALI's reader needs a sample per shard and fails at build, less clearly
+        raise ValueError(f"{n} image(s) cannot be split over {num_shards} shards: evaluate on fewer ranks")
     order = list(range(n))
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()

@@ -1,7 +1,8 @@
 """Scan a split before training: decode every file once, exclude the ones that cannot be used.
 
 Excluded: zero-byte files, files that do not decode (truncated or corrupt JPEG/PNG, non-image
-files with an image extension), images smaller than `min_size` on a side. Grayscale, CMYK,
+files with an image extension), formats the DALI loader cannot decode (a GIF named .jpg),
+images smaller than `min_size` on a side. Grayscale, CMYK,
 palette, 16-bit and alpha images are fine: the loaders convert them to RGB. Results are cached
 by (path, size, mtime) so later runs only decode new or changed files. Both loaders read the
 cleaned ImageList, so they see the same files.
@@ -21,6 +22,12 @@ from fastsynth.progress import tqdm
 from .base import DatasetError, ImageList, Splits
 
 MIN_SIZE = 8  # px: smaller images cannot survive a crop to the training size meaningfully
+# Formats both loaders decode (PIL names; each checked through DALI 2.4's CPU pipeline). PIL reads
+# the format from the content, so a GIF, TGA or ICO named .jpg passes PIL, then stops a DALI
+# pipeline mid-epoch ("nvImageCodec failure") without naming the file: excluded here, for both
+# loaders, so that they keep reading the same list.
+FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
+VERSION = 2  # of the cached verdicts: 2 added the format check
 
 
 def check_image(path: str, min_size: int = MIN_SIZE) -> str | None:
@@ -30,9 +37,11 @@ def check_image(path: str, min_size: int = MIN_SIZE) -> str | None:
             return "zero-byte file"
         with Image.open(path) as im:
             im.load()  # full decode: a truncated file fails here, not at open()
-            w, h = im.size
+            w, h, fmt = *im.size, im.format
     except Exception as e:  # noqa: BLE001 - any decoder failure excludes the file
         return f"cannot decode ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    if fmt not in FORMATS:
+        return f"{fmt} image (the DALI loader cannot decode it; convert it to JPEG or PNG)"
     if min(w, h) < min_size:
         return f"too small ({w}x{h} < {min_size} px)"
     return None
@@ -41,7 +50,7 @@ def check_image(path: str, min_size: int = MIN_SIZE) -> str | None:
 def _cache_path(paths: List[str]) -> str:
     base = os.environ.get("FASTSYNTH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastsynth")
     digest = hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()[:16]
-    return os.path.join(base, f"scan-{digest}.json")
+    return os.path.join(base, f"scan{VERSION}-{digest}.json")
 
 
 def _signature(path: str) -> list:
