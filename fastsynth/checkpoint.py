@@ -120,6 +120,17 @@ def rng_state() -> dict:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators from one seed (NumPy takes it modulo 2**32)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict) -> None:
     import random
 
@@ -137,15 +148,24 @@ def set_rng_state(state: dict) -> None:
 LAST = "last.pt"
 
 
+def saved_step(path: str) -> int:
+    """The step a checkpoint file was written at: from an ssl-step<N>.pt name, else read from the
+    file; -1 where neither works (a renamed or unreadable file)."""
+    name = os.path.basename(path)
+    try:
+        if name.startswith("ssl-step") and name.endswith(".pt"):
+            return int(name[len("ssl-step"):-len(".pt")])
+        return int(torch.load(path, map_location="cpu", weights_only=True).get("step", -1))
+    except Exception:  # noqa: BLE001 - any failure: no step to go by
+        return -1
+
+
 def rotate_and_save(state: dict, run: "RunDir", keep: int) -> str:
     """Write `last.pt` atomically; the previous one becomes `ssl-step<N>.pt`; keep the newest
     `keep` checkpoints in all, so a corrupt newest file still leaves one to fall back on."""
     last = run.file(LAST)
     if os.path.isfile(last) and keep > 1:
-        try:
-            prev_step = int(torch.load(last, map_location="cpu", weights_only=True).get("step", -1))
-        except Exception:  # noqa: BLE001 - a corrupt last.pt is not worth keeping
-            prev_step = -1
+        prev_step = saved_step(last)  # -1 for a corrupt last.pt: not worth keeping
         if prev_step >= 0:
             os.replace(last, run.file(f"ssl-step{prev_step:08d}.pt"))
     save_atomic(state, last)

@@ -8,16 +8,14 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
-import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastsynth import dist, fast
 from fastsynth.checkpoint import (FORMAT, CheckpointError, RunDir, load_into, load_optimizer, rng_state,
-                                  rotate_and_save, save_atomic, set_rng_state)
+                                  rotate_and_save, save_atomic, saved_step, seed_everything, set_rng_state)
 from fastsynth.config import Config
 from fastsynth.data.base import Splits
 from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
@@ -319,9 +317,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
         else:
             set_rng_state(state["rng"])
             if rank:  # another number of processes: ranks > 0 must not repeat rank 0's random streams
-                torch.manual_seed(cfg.seed * 1_000_003 + step * 7_919 + rank)
-                np.random.seed((cfg.seed * 1_000_003 + step * 7_919 + rank) % 2**32)
-                random.seed(cfg.seed * 1_000_003 + step * 7_919 + rank)
+                seed_everything(cfg.seed * 1_000_003 + step * 7_919 + rank)
         print(f"continuing SSL training at epoch {start_epoch + 1}, batch {skip}, step {step}")
         if run.active:
             _set_aside_newer(run, step)
@@ -586,14 +582,7 @@ def _set_aside_newer(run: RunDir, step: int) -> None:
     their checkpoints move to abandoned-<time>/, or a later --resume auto (after a corrupt
     last.pt, say) could go back to the abandoned run, and rotation would keep them over the
     new run's. Nothing is deleted."""
-    def saved_step(name):
-        try:
-            if name.startswith("ssl-step"):
-                return int(name[len("ssl-step"):-len(".pt")])
-            return int(torch.load(run.file(name), map_location="cpu", weights_only=True).get("step", -1))
-        except Exception:  # noqa: BLE001 - a renamed or unreadable file: left where it is
-            return -1
-    newer = [f for f in _ssl_checkpoints(run) if saved_step(f) > step]
+    newer = [f for f in _ssl_checkpoints(run) if saved_step(run.file(f)) > step]  # -1: left where it is
     if newer:
         dest = _move_aside(run, newer, "abandoned")
         print(f"note: resuming at step {step}; the later checkpoints ({', '.join(sorted(newer))}) moved to {dest}")

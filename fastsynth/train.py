@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 
 from fastsynth import checkpoint, dist, fast
+from fastsynth.checkpoint import seed_everything
 from fastsynth.config import ConfigError, from_args, from_dict, save
 from fastsynth.data.base import DatasetError
 from fastsynth.guard import StopRequest, TrainingError
@@ -27,12 +26,6 @@ from fastsynth.guard import StopRequest, TrainingError
 RUN_CONTROL = ("stage", "resume_from", "output_dir", "device", "workers", "log_every", "keep_checkpoints",
                "checkpoint_every", "max_bad_steps", "deterministic", "download", "data_root", "max_bad_fraction",
                "dist_timeout")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _load_stage_inputs(model, cfg, run) -> None:
