@@ -25,9 +25,11 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the input dtypes the 
 # sets how many (row block, queue split) programs share the GPU: more splits keep more SMs busy
 # but write more partial states (S x N x C floats). bench/gpu_bench.py sweeps these on a GPU.
 # merge_tile: floats of partial accumulators the merge reads as one tile (64 registers a thread).
+# mean_block: rows of losses the merge's last program sums per load when it takes the batch mean.
 # programs_per_sm 2: 33.5 us against 36.8 us for 1 in the H200 sweep of 14a4910 (the tiled merge
 # made more splits cheap; bench/results/2026-11-26-h200-run5).
-TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "merge_tile": 8192}
+TUNING = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "merge_tile": 8192,
+          "mean_block": 1024}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def info_nce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, ta
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
     @triton.jit
-    def _info_nce_split_kernel(q_ptr, u_ptr, m_ptr, l_ptr, acc_ptr,
+    def _info_nce_split_kernel(q_ptr, u_ptr, m_ptr, l_ptr, acc_ptr, done_ptr,
                                N, K, C, chunk,
                                stride_qn, stride_qc, stride_un, stride_uc,
                                scale,
@@ -70,10 +72,14 @@ if HAS_TRITON:
         taken on the raw dots and scaled once per row, so each logit costs one multiply-add
         (s * scale - max) before its exp2. EVEN: every chunk is whole tiles and C = BLOCK_C, so
         the queue tiles need no masks. Partial states go to m, l: S x N and acc: S x N x C
-        (float32), merged by the next kernel.
+        (float32), merged by the next kernel. Program (0, 0) also zeroes the merge's completion
+        counter: the merge launches after this kernel ends, so the count starts at 0 with no
+        memset launch of its own.
         """
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
+        if (pid_n == 0) & (pid_s == 0):
+            tl.store(done_ptr, 0)
         scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_C)
@@ -121,15 +127,20 @@ if HAS_TRITON:
             tl.store(acc_ptr + base[:, None] * C + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
-    def _info_nce_merge_kernel(q_ptr, k_ptr, m_ptr, l_ptr, acc_ptr, loss_ptr, grad_ptr,
+    def _info_nce_merge_kernel(q_ptr, k_ptr, m_ptr, l_ptr, acc_ptr, loss_ptr, grad_ptr, mean_ptr, done_ptr,
                                N, C, S,
                                stride_qn, stride_qc, stride_kn, stride_kc,
                                scale, grad_scale,
-                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, NEED_GRAD: tl.constexpr):
+                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                               NEED_GRAD: tl.constexpr):
         """One row: merge its S partial states with the positive logit; the row's loss and dL/dq.
+        The last row to finish also writes the batch mean of the losses (Eq. 1's mean over i).
 
         The splits are read BLOCK_S at a time as one tile, not one after another: a chain of S
-        dependent loads would make the merge's time grow with the number of splits.
+        dependent loads would make the merge's time grow with the number of splits. The mean
+        needs every row's loss: a completion count (zeroed by the split kernel) picks the last
+        program, which sums them in row order, so the loss is the same on every run (an atomic
+        sum of the rows would not be), and no reduction kernel follows (1.7 us on the H200).
         """
         row = tl.program_id(0)
         scale = tl.cast(scale, tl.float32)  # inductor passes Python floats as fp64
@@ -163,6 +174,26 @@ if HAS_TRITON:
             grad = (acc / l_all - kk) * grad_scale
             tl.store(grad_ptr + row * C + cols, grad.to(grad_ptr.dtype.element_ty), mask=cmask)
 
+        tl.debug_barrier()  # this program's loss is stored before the release below
+        if tl.atomic_add(done_ptr, 1) == N - 1:  # acq_rel: every other row's loss is visible now
+            total = tl.zeros([BLOCK_R], tl.float32)
+            for r0 in range(0, N, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                # .cg: from L2, where the other programs' stores are; never a stale L1 line.
+                total += tl.load(loss_ptr + r, mask=r < N, other=0.0, cache_modifier=".cg")
+            tl.store(mean_ptr, tl.sum(total, axis=0) / N)
+
+    @triton.jit
+    def _info_nce_scale_kernel(g_ptr, src_ptr, dst_ptr, numel, BLOCK: tl.constexpr):
+        """dst = src * g for the backward: src is dL/dq in q's dtype, g the incoming gradient
+        (a float32 scalar on the device, read here: no host sync); the product is taken in
+        float32 and rounded once."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr).to(tl.float32)
+        x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + offs, (x * g).to(dst_ptr.dtype.element_ty), mask=mask)
+
 
 # ---------------------------------------------------------------------------------------------
 # 3. Launcher
@@ -188,13 +219,15 @@ def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, n
     lsum = torch.empty(splits, n, device=dev, dtype=torch.float32)
     acc = torch.empty(splits, n, c, device=dev, dtype=torch.float32) if need_grad else m
     rows_loss = torch.empty(n, device=dev, dtype=torch.float32)
+    mean = torch.empty((), device=dev, dtype=torch.float32)
+    done = torch.empty((), device=dev, dtype=torch.int32)  # zeroed by the split kernel
     grad = torch.empty(n, c, device=dev, dtype=q.dtype) if need_grad else torch.empty(0, device=dev, dtype=q.dtype)
     if skip_launch(q, k, queue):
-        return rows_loss, grad
+        return mean, grad
     scale = 1.4426950408889634 / tau  # log2(e) / tau
     # wrap_triton makes each launch a node torch.compile can trace; in eager it is the kernel.
     wrap_triton(_info_nce_split_kernel)[(row_blocks, splits)](
-        q, queue, m, lsum, acc, n, kq, c, chunk,
+        q, queue, m, lsum, acc, done, n, kq, c, chunk,
         q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), scale,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, NEED_GRAD=need_grad, IEEE=ieee,
         EVEN=(kq % chunk == 0 and c == block_c),
@@ -202,10 +235,21 @@ def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, n
     # One program per row, reading its partial states a tile of block_s splits at a time.
     block_s = min(triton.next_power_of_2(splits), max(1, TUNING["merge_tile"] // block_c))
     wrap_triton(_info_nce_merge_kernel)[(n,)](
-        q, k, m, lsum, acc, rows_loss, grad, n, c, splits,
+        q, k, m, lsum, acc, rows_loss, grad, mean, done, n, c, splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, 1.0 / (tau * n),
-        BLOCK_S=block_s, BLOCK_C=block_c, NEED_GRAD=need_grad, num_warps=4)
-    return rows_loss, grad
+        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_R=min(TUNING["mean_block"], max(16, triton.next_power_of_2(n))),
+        NEED_GRAD=need_grad, num_warps=4)
+    return mean, grad
+
+
+def _launch_scale(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(grad)
+    if skip_launch(grad, grad_loss) or grad.numel() == 0:
+        return out
+    block = 4096
+    wrap_triton(_info_nce_scale_kernel)[(triton.cdiv(grad.numel(), block),)](
+        grad_loss, grad, out, grad.numel(), BLOCK=block, num_warps=4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +260,7 @@ if HAS_TRITON:
     def _info_nce_fused(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float,
                         need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss, dL/dq for an upstream gradient of 1); dL/dq is empty when not needed."""
-        rows_loss, grad = _launch(q, k, queue, tau, need_grad)
-        return rows_loss.mean(), grad
+        return _launch(q, k, queue, tau, need_grad)
 
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
@@ -228,13 +271,20 @@ if HAS_TRITON:
         # fills an N x C zero tensor for it on every backward (one more launch) that is ignored.
         ctx.set_materialize_grads(False)
 
+    @torch.library.triton_op("fastsynth::info_nce_scale", mutates_args=())
+    def _info_nce_scale(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+        """grad * grad_loss in one launch. Eager `grad * grad_loss` (a bfloat16 matrix times a
+        0-dim float32 tensor) took TensorIterator's casting path: 3.8 us on the H200 for
+        256 x 128, the largest of the op's small kernels (bench/results/2026-11-26-h200-run5)."""
+        return _launch_scale(grad, grad_loss)
+
     def _backward(ctx, grad_loss, _grad_of_grad):
         if grad_loss is None:  # nothing flowed into the loss (only possible without materialised grads)
             return None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        # grad_loss is a 0-dim float32 tensor, which does not promote grad's dtype: one kernel,
-        # the product taken in float32 and rounded once (a .to() first would be a second launch).
-        return grad * grad_loss, None, None, None, None
+        # grad_loss is the float32 0-dim gradient of the op's float32 scalar. The scaling op has
+        # no derivative: differentiating the gradient again is an error (see info_nce).
+        return torch.ops.fastsynth.info_nce_scale(grad, grad_loss.float().contiguous()), None, None, None, None
 
     _info_nce_fused.register_autograd(_backward, setup_context=_setup)
 

@@ -25,12 +25,15 @@ def poison(monkeypatch):
     """Make every floating torch.empty/empty_like return NaNs while a kernel runs.
 
     Launchers allocate outputs and partial states with torch.empty; an element a kernel forgets
-    to write then shows up as NaN in the result instead of as plausible leftover memory.
+    to write then shows up as NaN in the result instead of as plausible leftover memory; an
+    integer counter a kernel forgets to zero starts at 1234567.
     """
     empty, empty_like = torch.empty, torch.empty_like
 
     def _fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t.fill_(1234567) if t.dtype in (torch.int32, torch.int64) else t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(empty_like(*a, **k)))

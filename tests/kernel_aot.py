@@ -43,6 +43,10 @@ def cases():
         q, u = _aot.meta(n, c, dtype=qt), _aot.meta(k, c, dtype=ut)
         out.append((f"info_nce q={qt} queue={ut} grad={grad} floats={flt} C={c} N={n} K={k}", nce,
                     lambda q=q, u=u, grad=grad: nce._launch(q, q, u, 0.2, grad), flt, {}))
+    for gt in (bf16, fp16, fp32):  # the backward's scaling of dL/dq by the incoming gradient
+        g = _aot.meta(256, 128, dtype=gt)
+        out.append((f"info_nce backward scale grad={gt}", nce, lambda g=g: nce._launch_scale(g, _aot.meta(())), "fp32",
+                    {}))
     # z dtype, shape, transposed, floats, seed, exact functions: the even single-block row, odd and
     # wide rows (masks, the chunked path), even wide rows, a row of one pair, strided inputs, large
     # seeds (i64), a seed of 1 (the JIT makes it a constant), inductor's fp64

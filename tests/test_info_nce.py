@@ -115,6 +115,23 @@ def test_triton_multiple_splits(kdev, monkeypatch):
     torch.testing.assert_close(grads[0], grads[2], rtol=1e-5, atol=1e-7)
 
 
+def test_triton_batch_mean_in_the_merge(kdev, poison, monkeypatch):
+    """The merge's last row writes the batch mean (no reduction kernel after it): equal to the
+    mean of the float64 per-row losses, the same bits on a second run, and right again for a
+    call of another size (the split kernel zeroes the completion count for each call). With
+    16-row loads, N = 37 sums three blocks, the last one partly masked."""
+    monkeypatch.setitem(mod.TUNING, "mean_block", 16)
+    for n, k, c in ((37, 17, 8), (3, 50, 16), (37, 17, 8)):
+        q, key, queue = _inputs(n, k, c, torch.float32, seed=n, device=kdev)
+        first = info_nce(q, key, queue, 0.2, impl="triton")
+        again = info_nce(q, key, queue, 0.2, impl="triton")
+        assert torch.equal(first, again)
+        ref, _ = _float64_loss_and_grad(q, key, queue, 0.2)
+        torch.testing.assert_close(first.cpu().double(), ref, rtol=1e-6, atol=1e-6)
+        mean, _ = torch.ops.fastsynth.info_nce_fused(q, key, queue, 0.2, False)
+        assert mean.shape == () and torch.equal(mean, first)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_triton_half_q_with_float32_queue(dtype, kdev, poison):
     """Under autocast q and k are half precision while the queue buffer stays float32."""
@@ -198,7 +215,7 @@ def test_backward_is_one_scaling_op(kdev):
     with Ops() as ops:
         loss.backward()
     compute = [op for op in ops.seen if op not in ("detach", "ones_like")]  # autograd's own seed and bookkeeping
-    assert compute == ["mul"], ops.seen
+    assert compute == ["info_nce_scale"], ops.seen
     # The op's dL/dq output has no derivative: differentiating it (a gradient penalty through
     # create_graph=True) is autograd's error, not a silent zero.
     _, grad = torch.ops.fastsynth.info_nce_fused(q, key, queue, 0.2, True)
