@@ -479,6 +479,8 @@ def ssl_step(step_model, model: SynthSSL, opt, dec_opt, scaler, autocast, batch,
     statistics; only the bank keeps the batch (non-finite features as zeros, FeatureBank).
     `step_model` is `model` or its DDP wrapper. Returns (applied, loss, parts, ctx, synth outputs)."""
     x1, x2, x = batch
+    if getattr(model, "cudagraph_steps", False):  # fast.prepare: --compile-mode reduce-overhead
+        torch.compiler.cudagraph_mark_step_begin()
     stats = model.running_stats()
     saved = stats.save()
     with autocast():

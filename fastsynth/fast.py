@@ -73,6 +73,11 @@ def prepare(model: nn.Module, plan: Plan, compile_mode: str = "default") -> nn.M
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
     if plan.channels_last:
         model.to(memory_format=torch.channels_last)
+    # CUDA graphs (reduce-overhead) replay each compiled network's graph from one memory pool;
+    # a step calls the encoder several times (B and 2B images, with and without grad) and takes
+    # a gradient in the middle (Eq. 3), not one forward then one backward, so the step tells
+    # them where an iteration begins (engine.ssl_step) rather than leaving them to guess.
+    model.cudagraph_steps = plan.compile and compile_mode == "reduce-overhead"
     if plan.compile:
         mode = None if compile_mode == "default" else compile_mode
         for net in networks(model):

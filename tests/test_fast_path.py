@@ -156,6 +156,23 @@ def test_prepare_compiles_every_network_in_place(monkeypatch):
     assert set(model.state_dict()) == keys
 
 
+@pytest.mark.parametrize("mode,marks", [("reduce-overhead", 2), ("default", 0)])
+def test_cuda_graph_mode_marks_each_step_begin(monkeypatch, mode, marks):
+    """Under reduce-overhead each step tells CUDA graph trees where an iteration begins (a step
+    is not one forward then one backward); other modes never call it. Compiling itself is
+    stubbed: what is checked is the step's call, once per step."""
+    cfg = _cfg(impl="fast", loader="torch", compile=True)
+    model = SynthSSL(cfg)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    plan = fast.resolve(cfg, CPU)
+    fast.prepare(model, plan, mode)
+    for _ in range(2):
+        _one_step(model, cfg, plan, _batch())
+    assert len(calls) == marks
+
+
 def _explain(fn, *args):
     torch._dynamo.reset()
     return torch._dynamo.explain(fn)(*args)
