@@ -183,11 +183,18 @@ if [ "$PROFILE" = 1 ]; then
         case " $* " in *" --compile-mode "*) tag="${tag}_$(echo " $* " | sed 's/.* --compile-mode \([^ ]*\) .*/\1/')";; esac
         case " $* " in *" --no-compile "*) tag="${tag}_nocompile";; esac
         limit=$T_PROFILE_REF  # a compiling run gets the long limit
-        if [ "$impl" = fast ] && [[ " $* " != *" --no-compile "* ]]; then limit=$T_PROFILE_FAST; fi
+        trace=()
+        if [ "$impl" = fast ] && [[ " $* " != *" --no-compile "* ]]; then
+            limit=$T_PROFILE_FAST
+            # Compiled runs also trace 3 steps: the record gets the GPU's idle time by stage
+            # (fastsynth/trace_summary.py), the question run5 left open; the trace itself stays
+            # here (too large to bring back).
+            [ "${TRACE:-1}" = 1 ] && trace=(--trace "/tmp/fs_trace_${tag}")
+        fi
         timeout -k 10 "$(budget "$limit")" "$PY" -m fastsynth.profile --preset paper --impl "$impl" --data "$data" \
-            --steps "$PROFILE_STEPS" --warmup-steps 5 --workers 8 --json "$OUT/profile_${tag}.json" "$@" \
+            --steps "$PROFILE_STEPS" --warmup-steps 5 --workers 8 --json "$OUT/profile_${tag}.json" ${trace[@]+"${trace[@]}"} "$@" \
             >"$OUT/profile_${tag}.log" 2>&1 || profile_rc=$?
-        tail -n 18 "$OUT/profile_${tag}.log"
+        tail -n 28 "$OUT/profile_${tag}.log"
     done
 fi
 
@@ -197,7 +204,16 @@ ls -l "$OUT"
 [ -f "$OUT/bench.log" ] && sed -n '/^floors:/,$p' "$OUT/bench.log"  # the timing table, last
 for f in "$OUT"/profile_*.json; do
     # A partial record (the run's timeout stopped it, or it failed) says where it was.
-    [ -f "$f" ] && "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); keys=('images_per_s', 'tflops_per_s', 'mfu', 'host_enqueue_ms', 'peak_memory_bytes', 'warmup_step_s') if d.get('complete') else ('phase', 'phase_running_s', 'stopped_by', 'error', 'warmup_step_s'); print(sys.argv[1].split('/')[-1], {k: d.get(k) for k in keys})" "$f"
+    [ -f "$f" ] && "$PY" - "$f" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+keys = (('images_per_s', 'tflops_per_s', 'mfu', 'host_enqueue_ms', 'peak_memory_bytes', 'warmup_step_s')
+        if d.get('complete') else ('phase', 'phase_running_s', 'stopped_by', 'error', 'warmup_step_s'))
+print(sys.argv[1].split('/')[-1], {k: d.get(k) for k in keys})
+t = d.get('trace_summary') or {}
+if t:
+    print('  trace:', {k: t.get(k) for k in ('gpu_busy_fraction', 'idle_ms_per_step', 'idle_ms_per_step_by_stage', 'error')})
+EOF
 done
 ok() { [ "$1" = 0 ] || [ "$1" = skipped ]; }
 ok "$tests_rc" && ok "$bench_rc" && ok "$profile_rc"

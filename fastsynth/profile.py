@@ -361,9 +361,10 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
     host_s = _host_enqueue_s(one_step, device, min(steps, 3))
     progress.update("counting FLOPs", host_enqueue_ms=statistics.median(host_s) * 1e3)
     flops = count_flops(cfg, device, random_batch(cfg, device))
+    summary = None
     if trace:
         progress.update("trace")
-        _trace(trace, one_step, min(steps, 3), device)
+        summary = _trace(trace, one_step, min(steps, 3), device)
     mean = statistics.fmean(step_s)
     peak = bf16_peak(name) if device.type == "cuda" else None
     return {
@@ -379,6 +380,7 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
         "flops_per_step": flops, "tflops_per_s": flops / mean / 1e12,
         "bf16_peak_tflops": peak / 1e12 if peak else None, "mfu": flops / mean / peak if peak else None,
+        "trace_summary": summary,
     }
 
 
@@ -452,11 +454,14 @@ def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, w
             warm_s)
 
 
-def _trace(path: str, one_step, n: int, device: torch.device) -> None:
+def _trace(path: str, one_step, n: int, device: torch.device) -> dict:
     """A torch.profiler trace of n steps after the timed ones (its overhead stays out of the
     figures), written by tensorboard_trace_handler: Chrome JSON that TensorBoard, Perfetto and
-    chrome://tracing open."""
+    chrome://tracing open. Returns its summary (fastsynth.trace_summary): the GPU's idle time
+    by stage, small enough for the JSON record."""
     from torch.profiler import ProfilerActivity, schedule, tensorboard_trace_handler
+
+    from fastsynth import trace_summary
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     os.makedirs(path, exist_ok=True)
     with torch.profiler.profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=n, repeat=1),
@@ -464,6 +469,7 @@ def _trace(path: str, one_step, n: int, device: torch.device) -> None:
         for _ in range(n + 1):
             one_step()
             prof.step()
+    return trace_summary.from_profiler(prof, set(STAGES), n)
 
 
 def format_table(r: dict) -> str:
@@ -486,7 +492,9 @@ def format_table(r: dict) -> str:
               (f"FLOPs/step {r['flops_per_step'] / 1e9:.2f} G   achieved {r['tflops_per_s']:.3f} TFLOP/s   "
                f"MFU vs bf16 peak {mfu}")]
     if r["trace"]:
+        from fastsynth.trace_summary import format_lines
         lines.append(f"trace: {r['trace']}")
+        lines += format_lines(r["trace_summary"]) if r.get("trace_summary") else []
     return "\n".join(lines)
 
 

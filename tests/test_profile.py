@@ -83,6 +83,42 @@ def test_trace_written(runs):
     assert any(str(n).startswith("ProfilerStep") for n in names)
 
 
+def test_trace_summary_in_the_record(runs):
+    """On a CPU there is no GPU timeline: the summary says so and still lists the host's ops."""
+    s = runs["fast"]["trace_summary"]
+    assert s["gpu_busy_fraction"] is None and "no device activity" in s["note"]
+    ops = s["host_top_self_ms_per_step"]
+    assert ops and all(o["ms"] >= 0 and o["calls"] > 0 for o in ops)
+    assert runs["reference"]["trace_summary"] is None  # no --trace, no summary
+
+
+def test_trace_summary_finds_idle_gpu_time_by_stage():
+    """Two steps of a made-up GPU timeline (microseconds): kernels overlap or touch except for
+    gaps of 100 us (resumed while the host was in "Grad-CAM scores", inside its nested range),
+    40 us (resumed outside any stage) and 5 us (a launch gap, under the 20 us threshold)."""
+    device = [(0, 50, "conv"), (40, 100, "bn"), (100, 120, "relu"),        # overlap, touch: no gap
+              (220, 230, "mm"),                                             # 100 us gap
+              (235, 260, "exp"),                                            # 5 us
+              (300, 400, "conv2")]                                          # 40 us
+    host = [(150, 260, "Grad-CAM scores"), (210, 225, "aten::mm"), (200, 240, "Grad-CAM scores"),
+            (0, 500, "ProfilerStep#3"), (280, 310, "aten::conv")]
+    from fastsynth.trace_summary import OUTSIDE, format_lines, summarize
+    s = summarize(device, host, {"Grad-CAM scores", "decoder fwd"}, steps=2)
+    assert s["device_events_per_step"] == 3
+    assert s["gpu_busy_ms_per_step"] == pytest.approx((120 + 10 + 25 + 100) / 2 / 1e3)
+    assert s["gpu_span_ms_per_step"] == pytest.approx(400 / 2 / 1e3)
+    assert s["gpu_busy_fraction"] == pytest.approx(255 / 400)
+    assert s["idle_gaps_per_step"] == 1 and s["idle_ms_per_step"] == pytest.approx(140 / 2 / 1e3)
+    assert s["short_gap_ms_per_step"] == pytest.approx(5 / 2 / 1e3)
+    assert s["idle_ms_per_step_by_stage"] == pytest.approx({"Grad-CAM scores": 0.05, OUTSIDE: 0.02})
+    first, second = s["longest_gaps"]
+    assert (first["us"], first["prev"], first["next"], first["stage"], first["host_op"]) == \
+        (100, "relu", "mm", "Grad-CAM scores", "aten::mm")
+    assert (second["us"], second["prev"], second["next"], second["stage"], second["host_op"]) == \
+        (40, "exp", "conv2", OUTSIDE, "aten::conv")
+    assert any("Grad-CAM scores" in line for line in format_lines(s))
+
+
 def _stopping_step(monkeypatch, on_call: int, action):
     """engine.ssl_step, with `action` run at the start of its on_call-th call."""
     real, calls = engine.ssl_step, []
