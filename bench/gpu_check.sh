@@ -48,7 +48,7 @@ T_PROFILE_FAST=300 T_PROFILE_REF=120
 if [ "$PROFILE" = 1 ]; then
     # One call for both issues: the kernel steps get less, so that the fast path's compile gets
     # about 250 s of DEADLINE=540 at the H200 runs' durations (tests ~60 s, timings ~90 s; the
-    # reference and the uncompiled fast run well under their 90 s caps), and still 60 s with every
+    # reference well under its 90 s cap), and still 60 s with every
     # earlier step at its cap, enough to leave a partial record of its first step. The
     # fullgraph compile case of gpu_bench (~40 s cold) goes too: the compiled full step
     # traces the same ops (graph breaks are checked on the CPU, tests/test_fast_path.py).
@@ -168,13 +168,15 @@ if [ "$PROFILE" = 1 ]; then
     # PROFILE_RUNS: "impl data [flags]" entries separated by ';', e.g. CUDA graphs through compile:
     #   PROFILE_RUNS="fast synthetic-gpu --amp --compile-mode reduce-overhead" (file suffix _reduce-overhead)
     # The reference first: it is quick (no compile) and the fast path's figures mean little alone.
-    # Then the fast path without compile (seconds, file suffix _nocompile): a fast-path figure
-    # exists even if the compiled run's first step outlasts what is left of DEADLINE.
-    # Then CUDA graphs through compile (reduce-overhead): on the H200 (run5) four small stages
-    # grew by 8 ms under the default compile, which looks like launch overhead. The loader runs
+    # Then the compiled fast path, traced: on the H200 (run5) four small stages grew by 8 ms
+    # under the default compile, which looks like launch overhead; the trace summary says where
+    # the GPU waits. Then CUDA graphs through compile (reduce-overhead, traced too), the remedy
+    # if it is launch overhead. The uncompiled fast path last (file suffix _nocompile; 898
+    # images/s in run5), if time is left. Run5's first compiled step took 114 s: the first three
+    # runs fit DEADLINE=540 after the kernel steps at their H200 durations. The loader runs
     # (63-67 images/s there, CPU-bound) were measured in run5 and are left to PROFILE_RUNS:
     #   "reference loader --loader torch;fast loader --amp --loader torch"
-    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-reference synthetic-gpu;fast synthetic-gpu --amp --no-compile;fast synthetic-gpu --amp;fast synthetic-gpu --amp --compile-mode reduce-overhead}"
+    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-reference synthetic-gpu;fast synthetic-gpu --amp;fast synthetic-gpu --amp --compile-mode reduce-overhead;fast synthetic-gpu --amp --no-compile}"
     for run in "${runs[@]}"; do
         # shellcheck disable=SC2086  # an entry is words
         set -- $run
