@@ -171,12 +171,14 @@ if [ "$PROFILE" = 1 ]; then
     # Then the compiled fast path, traced: on the H200 (run5) four small stages grew by 8 ms
     # under the default compile, which looks like launch overhead; the trace summary says where
     # the GPU waits. Then CUDA graphs through compile (reduce-overhead, traced too), the remedy
-    # if it is launch overhead. The uncompiled fast path last (file suffix _nocompile; 898
-    # images/s in run5), if time is left. Run5's first compiled step took 114 s: the first three
-    # runs fit DEADLINE=540 after the kernel steps at their H200 durations. The loader runs
+    # if it is launch overhead. Then the compiled path with --gc-every 50 (suffix _gc50): Python's
+    # collector off in the steps (every record has the timed steps' collection pauses, this one
+    # the remedy; the compile hits inductor's cache). The uncompiled fast path last (suffix
+    # _nocompile; 898 images/s in run5), if time is left. Run5's first compiled step took 114 s:
+    # the first three runs fit DEADLINE=540 after the kernel steps at their H200 durations. The loader runs
     # (63-67 images/s there, CPU-bound) were measured in run5 and are left to PROFILE_RUNS:
     #   "reference loader --loader torch;fast loader --amp --loader torch"
-    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-reference synthetic-gpu;fast synthetic-gpu --amp;fast synthetic-gpu --amp --compile-mode reduce-overhead;fast synthetic-gpu --amp --no-compile}"
+    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-reference synthetic-gpu;fast synthetic-gpu --amp;fast synthetic-gpu --amp --compile-mode reduce-overhead;fast synthetic-gpu --amp --gc-every 50;fast synthetic-gpu --amp --no-compile}"
     for run in "${runs[@]}"; do
         # shellcheck disable=SC2086  # an entry is words
         set -- $run
@@ -184,6 +186,7 @@ if [ "$PROFILE" = 1 ]; then
         tag="${impl}_${data}"
         case " $* " in *" --compile-mode "*) tag="${tag}_$(echo " $* " | sed 's/.* --compile-mode \([^ ]*\) .*/\1/')";; esac
         case " $* " in *" --no-compile "*) tag="${tag}_nocompile";; esac
+        case " $* " in *" --gc-every "*) tag="${tag}_gc$(echo " $* " | sed 's/.* --gc-every \([^ ]*\) .*/\1/')";; esac
         limit=$T_PROFILE_REF  # a compiling run gets the long limit
         trace=()
         if [ "$impl" = fast ] && [[ " $* " != *" --no-compile "* ]]; then
@@ -209,7 +212,8 @@ for f in "$OUT"/profile_*.json; do
     [ -f "$f" ] && "$PY" - "$f" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
-keys = (('images_per_s', 'tflops_per_s', 'mfu', 'host_enqueue_ms', 'peak_memory_bytes', 'warmup_step_s')
+keys = (('images_per_s', 'tflops_per_s', 'mfu', 'host_enqueue_ms', 'gc_ms_per_step', 'gc_max_ms', 'peak_memory_bytes',
+         'warmup_step_s')
         if d.get('complete') else ('phase', 'phase_running_s', 'stopped_by', 'error', 'warmup_step_s'))
 print(sys.argv[1].split('/')[-1], {k: d.get(k) for k in keys})
 t = d.get('trace_summary') or {}

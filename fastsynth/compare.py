@@ -30,7 +30,7 @@ PAPER = {
 }
 # Keys that do not change what a run computes: a finished run with only these different is reused.
 RUN_ONLY = {"output_dir", "stage", "resume", "resume_from", "device", "workers", "log_every", "keep_checkpoints",
-            "checkpoint_every", "download", "data_root"}
+            "checkpoint_every", "download", "data_root", "gc_every"}
 
 
 def plan(methods: list[str], noises: list[str]) -> list[tuple[str, str, str, str]]:

@@ -89,6 +89,9 @@ HELP = {
           "mocov2, sync for simsiam. One process: all the same",
     "dist_timeout": "minutes a collective may wait for the other ranks before the job fails (a dead rank)",
     "batch_size": "global batch: with torchrun each of the W processes takes batch_size / W images",
+    "gc_every": "Python's garbage collector during SSL training: 0 = automatic (default); N > 0 = off, with the "
+                "young generations collected every N steps and all of them at each epoch end (host pauses at "
+                "known steps; fastsynth.profile records the pauses either way)",
 }
 
 
@@ -151,6 +154,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     log_every: int = 20
+    gc_every: int = 0
     # several processes (torchrun)
     bn: str = "auto"
     dist_timeout: float = 30.0
@@ -215,7 +219,8 @@ class Config:
         if self.synth == "on" and self.bank_size < 2:
             raise ConfigError(f"--bank-size must be at least 2 (a variance needs two rows), got {self.bank_size}")
         for name, low in (("keep_checkpoints", 1), ("checkpoint_every", 0), ("max_bad_steps", 0),
-                          ("workers", 0), ("warmup_epochs", 0), ("log_every", 1), ("probe_epochs", 1)):
+                          ("workers", 0), ("warmup_epochs", 0), ("log_every", 1), ("probe_epochs", 1),
+                          ("gc_every", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if not 0 <= self.max_bad_fraction <= 1:

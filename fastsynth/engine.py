@@ -21,6 +21,7 @@ from fastsynth.data.base import Splits
 from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
 from fastsynth.data.transforms import SSLViews, plain
 from fastsynth.figures import save_triplets
+from fastsynth.gcpolicy import StepGC
 from fastsynth.guard import BadSteps, StopRequest, finite_flag, finite_step
 from fastsynth.model import SynthSSL
 from fastsynth.models import frozen_bn_stats
@@ -349,99 +350,103 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
 
     model.train()
     flops, peak = None, _device_peak(device)  # flops: per step, counted on the first batch this process sees
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= total_steps:
-            break
-        first = skip if epoch == start_epoch else 0
-        loader = _ssl_loader(plan, dataset, splits, cfg, local_bs, epoch, first, device)
-        # Sums and counts stay on the device; they are read every --log-every steps.
-        sums, count, last, ctx = {}, torch.zeros((), device=device), None, {}  # last: (x, x_hat, x_tilde)
-        if first and state is not None and state.get("epoch_partial"):
-            # A mid-epoch resume: the steps before it count in this epoch's means (rank 0 holds
-            # the saved global sums; the other ranks the same keys at zero).
-            saved = state["epoch_partial"]
-            own = 1.0 if rank == 0 else 0.0
-            sums = {k: torch.tensor(v * own, device=device) for k, v in saved["sums"].items()}
-            count = torch.tensor(saved["count"] * own, device=device)
-        stopping = False
-        bad_window, window = torch.zeros((), device=device), 0
-        t_epoch = t_log = time.perf_counter()
-        images = images_log = steps_done = steps_log = 0
-        read = first  # batches of this epoch done: a --max-steps end can leave it unfinished
-        bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
-        for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
-            x1, x2, x = (t.to(device, non_blocking=True, memory_format=fmt) for t in (x1, x2, x))
-            if flops is None:
-                flops = step_flops(cfg, device, (x1, x2, x)) or 0
-                t_epoch = t_log = time.perf_counter()  # the count's own step is not training time
-                if device.type == "cuda":  # nor is its memory: the logged peak is the training step's
-                    torch.cuda.reset_peak_memory_stats(device)
-            _cosine(opt, base_lr, step, total_steps)
-            seed = noise_seed(cfg.seed, step, rank, world)
-            good, loss, parts, ctx, out = ssl_step(step_model, model, opt, dec_opt, scaler, autocast, (x1, x2, x),
-                                                   seed, finite)
-            w = good.float() if isinstance(good, torch.Tensor) else float(good)
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0) + torch.nan_to_num(v.detach().float()) * w
-            count += w
-            images += x1.shape[0]
-            steps_done += 1
-            bad_window += 1 - w
-            window += 1
-            step += 1
-            read = i + 1
-            if deferred and (step % cfg.log_every == 0 or i + 1 == steps_per_epoch or step >= total_steps):
-                bad.check_window(int(bad_window), window, "SSL", step)
-                bad_window.zero_()
-                window = 0
-            if out is not None and out["x_tilde"] is not None:  # what the figure needs, no graph
-                last = (x, out["x_hat"], out["x_tilde"])
-            if step % cfg.log_every == 0 and hasattr(bar, "set_postfix"):
-                shown = {k: f"{(v / count.clamp_min(1)).item():.3f}" for k, v in sums.items()}  # syncs
-                now = time.perf_counter()
-                shown["img/s"] = f"{(images - images_log) / max(now - t_log, 1e-9):.1f}"  # per process
-                rate = _throughput(flops, peak, steps_done - steps_log, now - t_log)
-                if rate:
-                    shown["TFLOP/s"] = f"{rate['tflops_per_s']:.3g}"
-                if "mfu" in rate:
-                    shown["MFU"] = f"{100 * rate['mfu']:.1f}%"
-                bar.set_postfix(shown)
-                t_log, images_log, steps_log = now, images, steps_done
-            # Checkpoints at the end of a step, before the loader draws the next batch's
-            # augmentations: the saved RNG state is the one the next step starts from.
-            if dist.any_rank(stop.requested):
-                if i + 1 == steps_per_epoch:  # the epoch is done: log and checkpoint it as any other
-                    stopping = True
-                    break
-                checkpoint(epoch, i + 1)
-                return {"stopped": True, "ssl_steps": step}
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and i + 1 < steps_per_epoch
-                    and step < total_steps):  # the last step's checkpoint comes after the epoch's log
-                checkpoint(epoch, i + 1)
+    # --gc-every: the collector runs at known steps (fastsynth/gcpolicy.py); 0 leaves it to Python.
+    with StepGC(cfg.gc_every) as gc_steps:
+        for epoch in range(start_epoch, cfg.epochs):
             if step >= total_steps:
                 break
-        # Every rank's share of the epoch (one collective on every rank): the logged means are
-        # the global batch's, not rank 0's shard.
-        names = sorted(sums)
-        *totals, n_all = dist.sum_over_ranks(torch.stack([sums[k] for k in names] + [count]))
-        epoch_means = {k: (v / n_all.clamp_min(1)).item() for k, v in zip(names, totals)}
-        seconds = max(time.perf_counter() - t_epoch, 1e-9)
-        speed = {"images_per_s": round(images / seconds, 2),  # per process
-                 **_throughput(flops, peak, steps_done, seconds)}
-        if device.type == "cuda":
-            speed["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
-                 "bad_steps": bad.total, **epoch_means, **speed})
-        _collapse_check(cfg.method, ctx, run, epoch)
-        # Where a resume (with more --max-steps, say) goes on: this epoch's next batch if the
-        # step budget ended it early, else the next epoch.
-        checkpoint(*((epoch, read) if read < steps_per_epoch else (epoch + 1, 0)))
-        if last is not None and run.active:
-            save_triplets(*last, run.file("triplets.png"))
-            run.log_image("triplets", run.file("triplets.png"), step)
-        if stopping:
-            return {"stopped": True, "ssl_steps": step}
-    return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step, "bad_steps": bad.total}
+            first = skip if epoch == start_epoch else 0
+            loader = _ssl_loader(plan, dataset, splits, cfg, local_bs, epoch, first, device)
+            # Sums and counts stay on the device; they are read every --log-every steps.
+            sums, count, last, ctx = {}, torch.zeros((), device=device), None, {}  # last: (x, x_hat, x_tilde)
+            if first and state is not None and state.get("epoch_partial"):
+                # A mid-epoch resume: the steps before it count in this epoch's means (rank 0 holds
+                # the saved global sums; the other ranks the same keys at zero).
+                saved = state["epoch_partial"]
+                own = 1.0 if rank == 0 else 0.0
+                sums = {k: torch.tensor(v * own, device=device) for k, v in saved["sums"].items()}
+                count = torch.tensor(saved["count"] * own, device=device)
+            stopping = False
+            bad_window, window = torch.zeros((), device=device), 0
+            t_epoch = t_log = time.perf_counter()
+            images = images_log = steps_done = steps_log = 0
+            read = first  # batches of this epoch done: a --max-steps end can leave it unfinished
+            bar = tqdm(loader, desc=f"ssl epoch {epoch + 1}/{cfg.epochs}")
+            for i, ((x1, x2, x), _, _) in enumerate(bar, start=first):
+                x1, x2, x = (t.to(device, non_blocking=True, memory_format=fmt) for t in (x1, x2, x))
+                if flops is None:
+                    flops = step_flops(cfg, device, (x1, x2, x)) or 0
+                    t_epoch = t_log = time.perf_counter()  # the count's own step is not training time
+                    if device.type == "cuda":  # nor is its memory: the logged peak is the training step's
+                        torch.cuda.reset_peak_memory_stats(device)
+                _cosine(opt, base_lr, step, total_steps)
+                seed = noise_seed(cfg.seed, step, rank, world)
+                good, loss, parts, ctx, out = ssl_step(step_model, model, opt, dec_opt, scaler, autocast, (x1, x2, x),
+                                                       seed, finite)
+                w = good.float() if isinstance(good, torch.Tensor) else float(good)
+                for k, v in {"loss": loss, **parts}.items():
+                    sums[k] = sums.get(k, 0) + torch.nan_to_num(v.detach().float()) * w
+                count += w
+                images += x1.shape[0]
+                steps_done += 1
+                bad_window += 1 - w
+                window += 1
+                step += 1
+                gc_steps.step(step)
+                read = i + 1
+                if deferred and (step % cfg.log_every == 0 or i + 1 == steps_per_epoch or step >= total_steps):
+                    bad.check_window(int(bad_window), window, "SSL", step)
+                    bad_window.zero_()
+                    window = 0
+                if out is not None and out["x_tilde"] is not None:  # what the figure needs, no graph
+                    last = (x, out["x_hat"], out["x_tilde"])
+                if step % cfg.log_every == 0 and hasattr(bar, "set_postfix"):
+                    shown = {k: f"{(v / count.clamp_min(1)).item():.3f}" for k, v in sums.items()}  # syncs
+                    now = time.perf_counter()
+                    shown["img/s"] = f"{(images - images_log) / max(now - t_log, 1e-9):.1f}"  # per process
+                    rate = _throughput(flops, peak, steps_done - steps_log, now - t_log)
+                    if rate:
+                        shown["TFLOP/s"] = f"{rate['tflops_per_s']:.3g}"
+                    if "mfu" in rate:
+                        shown["MFU"] = f"{100 * rate['mfu']:.1f}%"
+                    bar.set_postfix(shown)
+                    t_log, images_log, steps_log = now, images, steps_done
+                # Checkpoints at the end of a step, before the loader draws the next batch's
+                # augmentations: the saved RNG state is the one the next step starts from.
+                if dist.any_rank(stop.requested):
+                    if i + 1 == steps_per_epoch:  # the epoch is done: log and checkpoint it as any other
+                        stopping = True
+                        break
+                    checkpoint(epoch, i + 1)
+                    return {"stopped": True, "ssl_steps": step}
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and i + 1 < steps_per_epoch
+                        and step < total_steps):  # the last step's checkpoint comes after the epoch's log
+                    checkpoint(epoch, i + 1)
+                if step >= total_steps:
+                    break
+            # Every rank's share of the epoch (one collective on every rank): the logged means are
+            # the global batch's, not rank 0's shard.
+            names = sorted(sums)
+            *totals, n_all = dist.sum_over_ranks(torch.stack([sums[k] for k in names] + [count]))
+            epoch_means = {k: (v / n_all.clamp_min(1)).item() for k, v in zip(names, totals)}
+            seconds = max(time.perf_counter() - t_epoch, 1e-9)
+            speed = {"images_per_s": round(images / seconds, 2),  # per process
+                     **_throughput(flops, peak, steps_done, seconds)}
+            if device.type == "cuda":
+                speed["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
+                     "bad_steps": bad.total, **epoch_means, **speed})
+            _collapse_check(cfg.method, ctx, run, epoch)
+            # Where a resume (with more --max-steps, say) goes on: this epoch's next batch if the
+            # step budget ended it early, else the next epoch.
+            checkpoint(*((epoch, read) if read < steps_per_epoch else (epoch + 1, 0)))
+            gc_steps.full()
+            if last is not None and run.active:
+                save_triplets(*last, run.file("triplets.png"))
+                run.log_image("triplets", run.file("triplets.png"), step)
+            if stopping:
+                return {"stopped": True, "ssl_steps": step}
+        return {f"final_{k}": v for k, v in epoch_means.items()} | {"ssl_steps": step, "bad_steps": bad.total}
 
 
 def _ssl_loader(plan: fast.Plan, dataset, splits: Splits, cfg: Config, local_bs: int, epoch: int, first: int,

@@ -34,6 +34,7 @@ import torch
 from fastsynth import fast
 from fastsynth.config import ConfigError, build_parser, from_args
 from fastsynth.data.base import DatasetError
+from fastsynth.gcpolicy import GCTimer, StepGC
 from fastsynth.progress import tqdm
 
 DATA = ("synthetic-gpu", "loader")
@@ -353,18 +354,20 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
         clock.phase(GLUE)
         ssl_step(model, model, opt, dec_opt, scaler, autocast, batch, noise_seed(cfg.seed, step_no), finite)
         step_no += 1
+        gc_steps.step(step_no)  # as training's loop does with --gc-every
 
-    wall, step_s, stage_s, peak_mem, mem_kind, warm_s = _time_steps(one_step, clock, device, steps, warmup, plan.impl,
-                                                                     progress)
-    images_per_s = cfg.batch_size * steps / wall
-    progress.update("host enqueue time", images_per_s=images_per_s, step_s=step_s)
-    host_s = _host_enqueue_s(one_step, device, min(steps, 3))
+    with StepGC(cfg.gc_every) as gc_steps:  # every step this runs, as training would run it
+        wall, step_s, stage_s, peak_mem, mem_kind, warm_s, gc_pauses = _time_steps(
+            one_step, clock, device, steps, warmup, plan.impl, progress)
+        images_per_s = cfg.batch_size * steps / wall
+        progress.update("host enqueue time", images_per_s=images_per_s, step_s=step_s)
+        host_s = _host_enqueue_s(one_step, device, min(steps, 3))
+        summary = None
+        if trace:
+            progress.update("trace")
+            summary = _trace(trace, one_step, min(steps, 3), device)
     progress.update("counting FLOPs", host_enqueue_ms=statistics.median(host_s) * 1e3)
     flops = count_flops(cfg, device, random_batch(cfg, device))
-    summary = None
-    if trace:
-        progress.update("trace")
-        summary = _trace(trace, one_step, min(steps, 3), device)
     mean = statistics.fmean(step_s)
     peak = bf16_peak(name) if device.type == "cuda" else None
     return {
@@ -377,6 +380,9 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
         # The host's own time for a step, started on an idle GPU (below): near the step time, the
         # GPU waits for launches; on the H200 four small stages grew by 8 ms under compile.
         "host_enqueue_ms": statistics.median(host_s) * 1e3, "step_syncs_host": not deferred,
+        # Python's garbage collections during the timed steps (fastsynth.gcpolicy): host pauses
+        # that become GPU idle time where the host is not ahead of the GPU.
+        "gc_every": cfg.gc_every, **gc_pauses,
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
         "flops_per_step": flops, "tflops_per_s": flops / mean / 1e12,
         "bf16_peak_tflops": peak / 1e12 if peak else None, "mfu": flops / mean / peak if peak else None,
@@ -409,7 +415,7 @@ def _host_enqueue_s(one_step, device: torch.device, n: int) -> list[float]:
 def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, warmup: int, impl: str,
                 progress: Progress | None = None):
     """(wall s, [s per step], {stage: s over all steps}, peak memory bytes, what that peak is,
-    [s per warm-up step])."""
+    [s per warm-up step], the timed steps' garbage collections (GCTimer.summary))."""
     cuda = device.type == "cuda"
     bar = tqdm(total=warmup + steps, desc=f"profile {impl}")
     warm_s = []
@@ -429,15 +435,16 @@ def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, w
         torch.cuda.reset_peak_memory_stats(device)
     clock.marks, starts = [], []
     t0 = time.perf_counter()
-    for _ in range(steps):
-        starts.append(len(clock.marks))  # a step runs from its first mark to the next step's
-        clock.base = "data wait"
-        clock.mark("data wait")
-        bar.update(1)  # host only; in the data wait row, where the loop's own overhead belongs
-        one_step()
-    clock.mark(None)
-    if cuda:
-        torch.cuda.synchronize(device)
+    with GCTimer() as collections:
+        for _ in range(steps):
+            starts.append(len(clock.marks))  # a step runs from its first mark to the next step's
+            clock.base = "data wait"
+            clock.mark("data wait")
+            bar.update(1)  # host only; in the data wait row, where the loop's own overhead belongs
+            one_step()
+        clock.mark(None)
+        if cuda:
+            torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     bar.close()
     intervals = clock.intervals()
@@ -446,12 +453,13 @@ def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, w
     stage_s = dict.fromkeys(STAGES, 0.0)
     for label, s in intervals:
         stage_s[label] += s
+    gc_pauses = collections.summary(steps)
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
-        return wall, step_s, stage_s, peak, "cuda max_memory_allocated, timed steps", warm_s
+        return wall, step_s, stage_s, peak, "cuda max_memory_allocated, timed steps", warm_s, gc_pauses
     # ru_maxrss is KiB on Linux: the process's lifetime peak, loader and dataset included.
     return (wall, step_s, stage_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process",
-            warm_s)
+            warm_s, gc_pauses)
 
 
 def _trace(path: str, one_step, n: int, device: torch.device) -> dict:
@@ -486,6 +494,9 @@ def format_table(r: dict) -> str:
         lines.append(f"{k:<26}{v:>10.2f}{100 * v / r['step_ms']['mean']:>7.1f}")
     lines += [f"{'total (= step time)':<26}{sum(r['stages_ms'].values()):>10.2f}{100.0:>7.1f}", "",
               f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']})",
+              (f"garbage collection {r['gc_ms_per_step']:.2f} ms/step, longest {r['gc_max_ms']:.1f} ms, "
+               f"collections by generation {r['gc_collections']} "
+               f"({'automatic' if not r['gc_every'] else 'young every %d steps' % r['gc_every']})"),
               (f"host enqueue ms/step {r['host_enqueue_ms']:.2f} (a step started on an idle GPU, "
                + ("its data wait included; near the step time: launch-bound)" if not r.get("step_syncs_host")
                   else "but this path syncs the host once per step: not a launch measure)")),

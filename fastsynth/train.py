@@ -25,7 +25,7 @@ from fastsynth.guard import StopRequest, TrainingError
 # the command line apply; everything else comes from the checkpoint's config.
 RUN_CONTROL = ("stage", "resume_from", "output_dir", "device", "workers", "log_every", "keep_checkpoints",
                "checkpoint_every", "max_bad_steps", "deterministic", "download", "data_root", "max_bad_fraction",
-               "dist_timeout")
+               "dist_timeout", "gc_every")
 
 
 def _load_stage_inputs(model, cfg, run) -> None:

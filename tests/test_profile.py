@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("profile")
     root = tiny_folder(tmp / "data")
     argv = {"reference": ["--impl", "reference", "--dataset", "folder", "--data-root", root, "--data", "loader"],
-            "fast": ["--impl", "fast", "--no-compile", "--trace", str(tmp / "trace")]}
+            "fast": ["--impl", "fast", "--no-compile", "--trace", str(tmp / "trace"), "--gc-every", "1"]}
     out = {}
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     for impl, extra in argv.items():
@@ -67,6 +67,11 @@ def test_figures_exist_and_add_up(runs, impl):
     assert r["mfu"] is None and r["bf16_peak_tflops"] is None  # no bf16 peak for a CPU
     assert r["peak_memory_bytes"] > 0 and r["versions"]["torch"] and r["device_name"].startswith("cpu")
     assert r["host_enqueue_ms"] > 0  # on a CPU the ops are synchronous: about a step
+    # The timed steps' garbage collections: with --gc-every 1 exactly one young collection after
+    # each of the 2 timed steps and nothing automatic; otherwise whatever Python's thresholds did.
+    assert r["gc_every"] == (1 if impl == "fast" else 0) and r["gc_ms_per_step"] >= 0
+    if impl == "fast":
+        assert r["gc_collections"] == {"1": 2} and r["gc_max_ms"] > 0
 
 
 def test_flops_are_the_methods_not_the_impls(runs):
