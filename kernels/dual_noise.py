@@ -222,12 +222,16 @@ if HAS_TRITON:
     @triton.jit
     def _dual_noise_kernel(z_ptr, s_ptr, v_ptr, out_ptr, B, D, P,
                            stride_zb, stride_zd, stride_sb, stride_sd, stride_v, stride_ob,
-                           sigma_g, sigma_v, lam, seed,
+                           sigma_g, sigma_v, lam, seed, seed_ptr,
                            HALF: tl.constexpr, SINGLE: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
-                           ROUNDS: tl.constexpr, GEN2: tl.constexpr):
+                           ROUNDS: tl.constexpr, GEN2: tl.constexpr, SEED_PTR: tl.constexpr):
         """Rows pid, pid + programs, ...; column j is paired with P + j (P = ceil(d / 2)), HALF
         pairs at a time. SINGLE: one block covers the row, so s and the per-column eps_v scale
-        stay in registers. EVEN: d = 2 P and HALF divides P, no masks."""
+        stay in registers. EVEN: d = 2 P and HALF divides P, no masks. SEED_PTR: the seed is read
+        from device memory (an int64 the host sets before each replay of a CUDA graph), not
+        passed by value (which a graph would keep from its capture)."""
+        if SEED_PTR:
+            seed = tl.load(seed_ptr)
         # Python floats arrive as fp64 from inductor-generated launches: compute in fp32 as the
         # reference does (v_bar.float() < lam compares in float32).
         sigma_g = tl.cast(sigma_g, tl.float32) * _SQRT_2_LN2      # see _normals
@@ -274,7 +278,8 @@ if HAS_TRITON:
                              seed, EVEN, FAST, ROUNDS, GEN2)
 
     def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
-                lam: float, seed: int) -> torch.Tensor:
+                lam: float, seed: int, seed_t: torch.Tensor | None = None) -> torch.Tensor:
+        """seed_t: a 0-dim int64 tensor on z's device read by the kernel instead of `seed`."""
         b, d = z.shape
         gen2 = _generator() == "philox2x32"  # checked before any early return
         out = torch.empty((b, d), device=z.device, dtype=z.dtype)
@@ -286,10 +291,10 @@ if HAS_TRITON:
         wrap_triton(_dual_noise_kernel)[(programs,)](
             z, s, v_bar, out, b, d, pairs,
             z.stride(0), z.stride(1), s.stride(0), s.stride(1), v_bar.stride(0), out.stride(0),
-            sigma_g, sigma_v, lam, seed,
+            sigma_g, sigma_v, lam, seed if seed_t is None else 0, z if seed_t is None else seed_t,
             HALF=half, SINGLE=pairs <= half, EVEN=(d == 2 * pairs and pairs % half == 0),
             FAST=TUNING["fast"] and not INTERPRET, ROUNDS=TUNING["philox_rounds"],
-            GEN2=gen2,
+            GEN2=gen2, SEED_PTR=seed_t is not None,
             num_warps=TUNING["num_warps"] or (4 if half <= 1024 else 8))
         return out
 
@@ -304,29 +309,46 @@ if HAS_TRITON:
                           sigma_v: float, lam: float, seed: int) -> torch.Tensor:
         return _launch(z, s, v_bar, sigma_g, sigma_v, lam, seed)
 
+    @torch.library.triton_op("fastsynth::dual_noise_fused_device_seed", mutates_args=())
+    def _dual_noise_fused_device_seed(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float,
+                                      sigma_v: float, lam: float, seed: torch.Tensor) -> torch.Tensor:
+        """The same with the seed a 0-dim int64 device tensor (a CUDA graph's per-step seed)."""
+        return _launch(z, s, v_bar, sigma_g, sigma_v, lam, 0, seed)
+
 
 def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
-               lam: float, seed: int, impl: str = "auto") -> torch.Tensor:
+               lam: float, seed: int | torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """z_tilde of Sec. 3.5 (Eq. 4-6); no gradient flows (the synthesized images are detached).
 
     impl="triton": one launch, noise from Philox keyed by (seed, row, column pair); a different
     random stream from the reference's torch.Generator, with the same distribution. Scores or
     variances that are NaN give undefined rows (the GPU's min/max skip NaN, the reference's
     propagate it); the training loop must not feed non-finite features.
+    seed: an int, or a 0-dim int64 tensor on z's device, which the kernel reads when it runs (a
+    step captured in a CUDA graph gets a new seed per replay; the reference reads it on the host).
+    Its value is not range-checked on the device (that would be a host sync).
     """
     _check(z, s, v_bar)
-    seed = _check_seed(seed)
+    device_seed = isinstance(seed, torch.Tensor)
+    if device_seed:
+        if seed.shape != () or seed.dtype != torch.int64 or seed.device != z.device:
+            raise ValueError(f"dual_noise: a tensor seed must be a 0-dim int64 tensor on z's device ({z.device}), "
+                             f"got shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
+    else:
+        seed = _check_seed(seed)
     same_device = z.device == s.device == v_bar.device
     counter_fits = z.shape[0] * ((z.shape[1] + 1) // 2) < COUNTER_LIMIT
     path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL, applies=same_device and counter_fits)
     with torch.no_grad():
         if path == "torch":
-            return dual_noise_reference(z, s, v_bar, sigma_g, sigma_v, lam, seed)
+            return dual_noise_reference(z, s, v_bar, sigma_g, sigma_v, lam, int(seed) if device_seed else seed)
         if not same_device:
             raise ValueError(f"dual_noise: z, s, v_bar on different devices ({z.device}, {s.device}, {v_bar.device})")
         if not counter_fits:
             raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
         args = (z.detach(), s.detach(), v_bar.detach(), float(sigma_g), float(sigma_v), float(lam), seed)
+        if device_seed:
+            return torch.ops.fastsynth.dual_noise_fused_device_seed(*args)
         return torch.ops.fastsynth.dual_noise_fused(*args)  # eager and compiled alike (see info_nce)
 
 

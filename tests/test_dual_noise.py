@@ -66,6 +66,24 @@ def test_same_seed_same_output_and_different_seed_differs(impl, kdev, poison):
     assert not torch.allclose(a, c)
 
 
+def test_a_device_seed_gives_the_noise_of_its_value(impl, kdev, poison):
+    """A 0-dim int64 seed tensor (what a CUDA-graph step sets before each replay) gives exactly
+    the output of the same seed passed as an int, a 64-bit one included; changing the tensor in
+    place changes the noise. A tensor of another shape, dtype or device is refused."""
+    dev = _dev(impl, kdev)
+    z, s, v = torch.randn(5, 34, device=dev), torch.rand(5, 34, device=dev), torch.rand(34, device=dev)
+    seed = torch.tensor(2 ** 40 + 7, device=dev)
+    for value in (2 ** 40 + 7, 3):
+        seed.fill_(value)
+        a = dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=seed, impl=impl)
+        assert torch.equal(a, dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=value, impl=impl))
+    assert not torch.equal(a, dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=4, impl=impl))
+    for bad in (torch.tensor([3], device=dev), torch.tensor(3, dtype=torch.int32, device=dev),
+                torch.tensor(3, device="meta")):
+        with pytest.raises(ValueError, match="0-dim int64 tensor"):
+            dual_noise(z, s, v, 0.5, 0.5, 0.5, seed=bad, impl=impl)
+
+
 def test_triton_noise_independent_of_block_shape(generator, kdev, monkeypatch, poison):
     """Counter = (row, column pair): programs walking several rows each, one row per program, and
     the chunked (wide-row) path with odd d draw the same numbers."""
