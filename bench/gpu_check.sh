@@ -33,7 +33,7 @@ T_ENV=20 T_INSTALL=45 T_TESTS=180 T_BENCH=240 T_PBENCH=60
 export PYTHONUNBUFFERED=1
 # Overridable for a focused rerun: which tests, which benchmark cases, whether the short
 # pytest-benchmark pass runs.
-GPU_TESTS="${GPU_TESTS:-tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py tests/test_methods.py::test_step_with_triton_kernels_matches_reference tests/test_methods.py::test_full_step_with_triton_kernels_and_no_noise_matches_reference}"
+GPU_TESTS="${GPU_TESTS:-tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py tests/test_methods.py::test_step_with_triton_kernels_matches_reference tests/test_methods.py::test_full_step_with_triton_kernels_and_no_noise_matches_reference tests/test_graphstep.py}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 SKIP_KERNELS="${SKIP_KERNELS:-0}"   # 1: skip steps b-d (kernel tests and timings)
 PROFILE="${PROFILE:-0}"             # 1: step e, the full step of both paths (ResNet-50, 224 px, batch 128)
@@ -170,15 +170,16 @@ if [ "$PROFILE" = 1 ]; then
     # The reference first: it is quick (no compile) and the fast path's figures mean little alone.
     # Then the compiled fast path, traced: on the H200 (run5) four small stages grew by 8 ms
     # under the default compile, which looks like launch overhead; the trace summary says where
-    # the GPU waits. Then CUDA graphs through compile (reduce-overhead, traced too), the remedy
-    # if it is launch overhead. Then the compiled path with --gc-every 50 (suffix _gc50): Python's
-    # collector off in the steps (every record has the timed steps' collection pauses, this one
-    # the remedy; the compile hits inductor's cache). The uncompiled fast path last (suffix
-    # _nocompile; 898 images/s in run5), if time is left. Run5's first compiled step took 114 s:
-    # the first three runs fit DEADLINE=540 after the kernel steps at their H200 durations. The loader runs
+    # the GPU waits. Then the remedies: the whole step as one CUDA graph (--cuda-graph, suffix
+    # _cudagraph; its compile hits inductor's cache), compile's CUDA graphs per network
+    # (reduce-overhead, a compile of its own), Python's collector off in the steps (--gc-every 50,
+    # suffix _gc50; every record has the timed steps' collection pauses). The uncompiled fast path
+    # last (suffix _nocompile; 898 images/s in run5). Run5's first compiled step took 114 s: the
+    # first three runs fit DEADLINE=540 after the kernel steps at their H200 durations; the rest
+    # is for a second call on the warm machine (PROFILE_RUNS, SKIP_KERNELS=1). The loader runs
     # (63-67 images/s there, CPU-bound) were measured in run5 and are left to PROFILE_RUNS:
     #   "reference loader --loader torch;fast loader --amp --loader torch"
-    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-reference synthetic-gpu;fast synthetic-gpu --amp;fast synthetic-gpu --amp --compile-mode reduce-overhead;fast synthetic-gpu --amp --gc-every 50;fast synthetic-gpu --amp --no-compile}"
+    IFS=';' read -r -a runs <<< "${PROFILE_RUNS:-reference synthetic-gpu;fast synthetic-gpu --amp;fast synthetic-gpu --amp --cuda-graph;fast synthetic-gpu --amp --compile-mode reduce-overhead;fast synthetic-gpu --amp --gc-every 50;fast synthetic-gpu --amp --no-compile}"
     for run in "${runs[@]}"; do
         # shellcheck disable=SC2086  # an entry is words
         set -- $run
@@ -186,6 +187,7 @@ if [ "$PROFILE" = 1 ]; then
         tag="${impl}_${data}"
         case " $* " in *" --compile-mode "*) tag="${tag}_$(echo " $* " | sed 's/.* --compile-mode \([^ ]*\) .*/\1/')";; esac
         case " $* " in *" --no-compile "*) tag="${tag}_nocompile";; esac
+        case " $* " in *" --cuda-graph "*) tag="${tag}_cudagraph";; esac
         case " $* " in *" --gc-every "*) tag="${tag}_gc$(echo " $* " | sed 's/.* --gc-every \([^ ]*\) .*/\1/')";; esac
         limit=$T_PROFILE_REF  # a compiling run gets the long limit
         trace=()

@@ -199,6 +199,13 @@ def newest_valid(run: "RunDir", stage: str = "ssl") -> tuple[str, dict] | None:
 _IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
+def _plain_lr(group: dict) -> dict:
+    """A --cuda-graph run keeps its learning rates as device scalars (graphstep.device_lr): loaded
+    as numbers, which every optimizer takes; such a run makes them device scalars again."""
+    lr = group.get("lr")
+    return {**group, "lr": float(lr)} if torch.is_tensor(lr) else group
+
+
 def load_optimizer(opt, state: dict) -> None:
     """opt.load_state_dict(state), keeping this run's implementation flags and layouts.
 
@@ -210,7 +217,8 @@ def load_optimizer(opt, state: dict) -> None:
     flags = [{k: g[k] for k in _IMPL_FLAGS if k in g} for g in opt.param_groups]
     # This run's flags written into the saved groups before loading: torch places each state
     # tensor (Adam's `step` on the device for fused/capturable, else on the host) by them.
-    state = {**state, "param_groups": [{**saved, **own} for saved, own in zip(state["param_groups"], flags)]}
+    state = {**state, "param_groups": [{**_plain_lr(saved), **own}
+                                       for saved, own in zip(state["param_groups"], flags)]}
     opt.load_state_dict(state)
     for group in opt.param_groups:
         for p in group["params"]:

@@ -22,6 +22,7 @@ from fastsynth.data.loaders import FileDataset, epoch_loader, make_loader
 from fastsynth.data.transforms import SSLViews, plain
 from fastsynth.figures import save_triplets
 from fastsynth.gcpolicy import StepGC
+from fastsynth.graphstep import GraphedStep
 from fastsynth.guard import BadSteps, StopRequest, finite_flag, finite_step
 from fastsynth.model import SynthSSL
 from fastsynth.models import frozen_bn_stats
@@ -206,7 +207,11 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
 def _cosine(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int) -> None:
     lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
     for g in opt.param_groups:
-        g["lr"] = base_lr if g.get("fix_lr") else lr
+        value = base_lr if g.get("fix_lr") else lr
+        if isinstance(g["lr"], torch.Tensor):  # --cuda-graph: the captured step reads it there
+            g["lr"].fill_(value)
+        else:
+            g["lr"] = value
 
 
 def _collapse_check(method_name: str, ctx: dict, run: RunDir, epoch: int) -> None:
@@ -334,6 +339,12 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
             return ~dist.any_rank_device(~finite_flag(loss, params))
         return bad.check(_finite_everywhere(loss, params), "SSL", step)
 
+    # --cuda-graph (train.py checked its limits): the step captured once and replayed.
+    stepper = None
+    if plan.cuda_graph:
+        stepper = GraphedStep(lambda b, s: ssl_step(step_model, model, opt, dec_opt, scaler, autocast, b, s, finite),
+                              (opt, dec_opt), device)
+
     def checkpoint(epoch: int, batch: int) -> None:
         nonlocal window
         if deferred and window:  # the device-side skip flags not yet read: counted before saving
@@ -381,8 +392,11 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                         torch.cuda.reset_peak_memory_stats(device)
                 _cosine(opt, base_lr, step, total_steps)
                 seed = noise_seed(cfg.seed, step, rank, world)
-                good, loss, parts, ctx, out = ssl_step(step_model, model, opt, dec_opt, scaler, autocast, (x1, x2, x),
-                                                       seed, finite)
+                if stepper is not None:
+                    good, loss, parts, ctx, out = stepper((x1, x2, x), seed)
+                else:
+                    good, loss, parts, ctx, out = ssl_step(step_model, model, opt, dec_opt, scaler, autocast,
+                                                           (x1, x2, x), seed, finite)
                 w = good.float() if isinstance(good, torch.Tensor) else float(good)
                 for k, v in {"loss": loss, **parts}.items():
                     sums[k] = sums.get(k, 0) + torch.nan_to_num(v.detach().float()) * w
@@ -434,7 +448,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                      **_throughput(flops, peak, steps_done, seconds)}
             if device.type == "cuda":
                 speed["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
+            run.log({"stage": "ssl", "epoch": epoch, "step": step, "lr": float(opt.param_groups[0]["lr"]),
                      "bad_steps": bad.total, **epoch_means, **speed})
             _collapse_check(cfg.method, ctx, run, epoch)
             # Where a resume (with more --max-steps, say) goes on: this epoch's next batch if the

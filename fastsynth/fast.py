@@ -25,10 +25,12 @@ class Plan:
     # cuDNN times its convolution algorithms once per shape and keeps the fastest (the step's
     # shapes are fixed); off with --deterministic, and PyTorch's default (off) for the reference.
     cudnn_benchmark: bool = False
+    cuda_graph: bool = False  # --cuda-graph: the whole SSL step replayed as one graph (graphstep.py)
 
     def describe(self) -> str:
         return (f"impl {self.impl}, loader {self.loader}, channels_last {self.channels_last}, "
-                f"compile {self.compile}, fused optimizer {self.fused}, cudnn benchmark {self.cudnn_benchmark}")
+                f"compile {self.compile}, fused optimizer {self.fused}, cudnn benchmark {self.cudnn_benchmark}, "
+                f"cuda graph {self.cuda_graph}")
 
 
 def resolve(cfg: Config, device: torch.device) -> Plan:
@@ -54,7 +56,8 @@ def resolve(cfg: Config, device: torch.device) -> Plan:
     compiled = compile_default if cfg.compile is None else cfg.compile
     return Plan(impl=impl, loader=loader, channels_last=channels_last, compile=compiled,
                 fused=device.type == "cuda" and cfg.optimizer == "sgd",
-                cudnn_benchmark=fast and device.type == "cuda" and not cfg.deterministic)
+                cudnn_benchmark=fast and device.type == "cuda" and not cfg.deterministic,
+                cuda_graph=cfg.cuda_graph)
 
 
 def memory_format(plan: Plan) -> torch.memory_format:
@@ -126,6 +129,8 @@ def optimizers(model: nn.Module, cfg: Config, plan: Plan):
     dec_opt = None
     if model.synth is not None:
         kw = {"fused": True} if plan.fused else {}
+        if plan.cuda_graph:  # Adam keeps its step count on the device, as a captured step needs
+            kw["capturable"] = True
         dec_opt = torch.optim.Adam(model.synth.decoder.parameters(), lr=cfg.decoder_lr, **kw)
     return opt, dec_opt
 

@@ -55,6 +55,10 @@ STAGES = {  # row -> what it measures (printed with --json, and the order of the
                 "training makes it (and float16 unscale)",
     "optimizer + EMA + queue": "SGD and Adam steps, then the momentum update of f_k, g_k and the queue update",
 }
+# --cuda-graph: the step is one replay, whose inside no stage mark can see.
+GRAPH_ROW = "whole step (one CUDA graph)"
+GRAPH_MEANING = {"data wait": STAGES["data wait"],
+                 GRAPH_ROW: "copying the batch and seed into the graph's inputs, then the replay of the captured step"}
 
 
 class StageClock:
@@ -334,12 +338,19 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
 
 
 def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Progress) -> dict:
-    from fastsynth.engine import checks_on_device, noise_seed, ssl_step
+    from fastsynth.engine import autocast_dtype, checks_on_device, noise_seed, ssl_step
+    from fastsynth.graphstep import GraphedStep, check
     from fastsynth.guard import finite_flag, finite_step
+    check(cfg, plan, device, autocast_dtype(cfg, device) == torch.float16, 1)
     batches = _batches(cfg, plan, device, data)
     model, _, opt, dec_opt, autocast, scaler = build(cfg, device, plan)
     clock = StageClock(device)
-    instrument(model, opt, dec_opt, clock)
+    stepper = None
+    if plan.cuda_graph:  # no stage marks inside a captured step: the table has the whole step
+        stepper = GraphedStep(lambda b, s: ssl_step(model, model, opt, dec_opt, scaler, autocast, b, s, finite),
+                              (opt, dec_opt), device)
+    else:
+        instrument(model, opt, dec_opt, clock)
     step_no = 0
     params = [p for p in model.parameters() if p.requires_grad]
     deferred = checks_on_device(plan, scaler)  # the finiteness check training makes
@@ -351,8 +362,12 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
         nonlocal step_no
         clock.phase("data wait")
         batch = next(batches)
-        clock.phase(GLUE)
-        ssl_step(model, model, opt, dec_opt, scaler, autocast, batch, noise_seed(cfg.seed, step_no), finite)
+        if stepper is not None:
+            clock.phase(GRAPH_ROW)
+            stepper(batch, noise_seed(cfg.seed, step_no))
+        else:
+            clock.phase(GLUE)
+            ssl_step(model, model, opt, dec_opt, scaler, autocast, batch, noise_seed(cfg.seed, step_no), finite)
         step_no += 1
         gc_steps.step(step_no)  # as training's loop does with --gc-every
 
@@ -376,7 +391,8 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
         "warmup_step_s": warm_s,
         "step_ms": {"mean": mean * 1e3, "median": statistics.median(step_s) * 1e3,
                     "min": min(step_s) * 1e3, "max": max(step_s) * 1e3},
-        "stages_ms": {k: v / steps * 1e3 for k, v in stage_s.items()}, "stages_meaning": STAGES,
+        "stages_ms": {k: v / steps * 1e3 for k, v in stage_s.items()},
+        "stages_meaning": GRAPH_MEANING if stepper is not None else STAGES,
         # The host's own time for a step, started on an idle GPU (below): near the step time, the
         # GPU waits for launches; on the H200 four small stages grew by 8 ms under compile.
         "host_enqueue_ms": statistics.median(host_s) * 1e3, "step_syncs_host": not deferred,
@@ -450,7 +466,7 @@ def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, w
     intervals = clock.intervals()
     bounds = starts + [len(intervals)]
     step_s = [sum(s for _, s in intervals[a:b]) for a, b in itertools.pairwise(bounds)]
-    stage_s = dict.fromkeys(STAGES, 0.0)
+    stage_s = dict.fromkeys(STAGES if GRAPH_ROW not in {label for label, _ in intervals} else GRAPH_MEANING, 0.0)
     for label, s in intervals:
         stage_s[label] += s
     gc_pauses = collections.summary(steps)

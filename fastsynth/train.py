@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fastsynth import checkpoint, dist, fast
+from fastsynth import checkpoint, dist, fast, graphstep
 from fastsynth.checkpoint import seed_everything
 from fastsynth.config import ConfigError, from_args, from_dict, save
 from fastsynth.data.base import DatasetError
@@ -119,7 +119,7 @@ def run(cfg) -> dict:
     # Imports here keep `--help` and config errors fast.
     from fastsynth.data.datasets import build_dataset
     from fastsynth.data.scan import clean_splits
-    from fastsynth.engine import resolve_device, train_ssl, warmup_decoder
+    from fastsynth.engine import autocast_dtype, resolve_device, train_ssl, warmup_decoder
     from fastsynth.eval import evaluate_encoder, format_table
     from fastsynth.model import SynthSSL
 
@@ -175,6 +175,8 @@ def run(cfg) -> dict:
         _distribute(model, cfg, device)
     _load_stage_inputs(model, cfg, run_dir)
     plan = fast.resolve(cfg, device)
+    # Before any stage runs: --cuda-graph's limits would otherwise stop the run after the warm-up.
+    graphstep.check(cfg, plan, device, autocast_dtype(cfg, device) == torch.float16, world)
     fast.prepare(model, plan, cfg.compile_mode)
     print(f"path: {plan.describe()}")
     if dist.rank():

@@ -1,0 +1,151 @@
+"""--cuda-graph (fastsynth/graphstep.py): the limits are clear errors, and a step run through the
+graph's static buffers, device seed and device learning rates equals the plain step. The capture
+itself needs a GPU: the last test runs there (bench/gpu_check.sh), and is skipped here."""
+import pytest
+import torch
+
+from fastsynth import checkpoint, fast, graphstep, profile, train
+from fastsynth.config import Config, ConfigError
+from fastsynth.engine import _cosine, precision, ssl_step
+from fastsynth.guard import finite_flag
+from fastsynth.model import SynthSSL
+
+CPU = torch.device("cpu")
+
+
+def _cfg(**kw):
+    base = dict(arch="resnet18", image_size=32, batch_size=4, queue_size=16, bank_size=8, moco_dim=8,
+                decoder_width=16, sigma_g=0.5, sigma_v=0.5, impl="fast", loader="torch")
+    return Config(**{**base, **kw}).validate()
+
+
+def _batches(n, device=CPU):
+    g = torch.Generator().manual_seed(5)
+    return [tuple((torch.randn(4, 3, 32, 32, generator=g) * (1 + i)).to(device) for _ in range(3)) for i in range(n)]
+
+
+@pytest.mark.parametrize("why,kw,plan_kw,float16,world", [
+    ("a CUDA device", {}, {}, False, 1),
+    ("one process", {}, {}, False, 2),
+    ("no float16 GradScaler", {}, {}, True, 1),
+    ("fused optimizers", {}, {"fused": False}, False, 1),
+    ("not --compile-mode reduce-overhead", {"compile_mode": "reduce-overhead"}, {"compile": True}, False, 1)])
+def test_limits_are_clear_errors(why, kw, plan_kw, float16, world):
+    cfg = _cfg(cuda_graph=True, **kw)
+    plan = fast.Plan(**{**dict(impl="fast", loader="torch", channels_last=True, compile=False, fused=True,
+                               cuda_graph=True), **plan_kw})
+    device = CPU if why == "a CUDA device" else torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=why):
+        graphstep.check(cfg, plan, device, float16, world)
+    graphstep.check(cfg, fast.Plan("fast", "torch", True, False, True), CPU, float16, world)  # off: no check
+
+
+def test_commands_refuse_it_before_any_work(tmp_path, capsys):
+    assert profile.main(["--cuda-graph", "--device", "cpu", "--arch", "resnet18", "--image-size", "32"]) == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+    assert train.main(["--cuda-graph", "--device", "cpu", "--preset", "quick", "--output-dir", str(tmp_path)]) == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "warmup.pt").exists()
+
+
+def _run(graphed: bool, batches, seeds):
+    """Three SSL steps with fused optimizers (also on a CPU in this torch) and the cosine schedule;
+    graphed: through GraphedStep's buffers without the capture. Returns the state afterwards."""
+    cfg = _cfg()
+    plan = fast.Plan("fast", "torch", False, False, True)
+    torch.manual_seed(0)
+    model = SynthSSL(cfg)
+    opt, dec_opt = fast.optimizers(model, cfg, plan)
+    autocast, _ = precision(cfg, CPU)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def step(batch, seed):
+        return ssl_step(model, model, opt, dec_opt, None, autocast, batch, seed, lambda loss: finite_flag(loss, params))
+    stepper = graphstep.GraphedStep(step, (opt, dec_opt), CPU) if graphed else None
+    losses = []
+    for i, (batch, seed) in enumerate(zip(batches, seeds)):
+        _cosine(opt, 0.5, i, 4)  # a schedule that moves: 0.5, 0.43, 0.25
+        good, loss, *_ = stepper(batch, seed) if graphed else step(batch, seed)
+        assert bool(good)
+        losses.append(loss.detach().clone())
+    lrs = [float(g["lr"]) for g in opt.param_groups]
+    return {**model.state_dict()}, {id(p): s for p, s in opt.state.items()}, losses, lrs, opt
+
+
+def test_static_buffers_device_seed_and_rates_equal_the_plain_step():
+    """Bit for bit while the learning rate is exact in float32 (0.5: the first update, seen by the
+    second step's loss); after that the device scalar's float32 rate (0.4268 rounded) against the
+    Python float's moves the weights by rounding only."""
+    batches, seeds = _batches(3), [11, 2 ** 40, 7]
+    ref_state, _, ref_losses, ref_lrs, _ = _run(False, batches, seeds)
+    state, _, losses, lrs, opt = _run(True, batches, seeds)
+    assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # device scalars, filled in place
+    assert lrs == pytest.approx(ref_lrs)
+    assert torch.equal(losses[0], ref_losses[0]) and torch.equal(losses[1], ref_losses[1])
+    torch.testing.assert_close(losses[2], ref_losses[2], rtol=1e-6, atol=0)
+    # Each tensor within 1e-4 of its own largest entry (measured: 8e-6 at most, the bank's rows);
+    # a wrong seed or rate in the third step moves weights by far more.
+    for k, ref in ref_state.items():
+        if ref.is_floating_point():
+            scale = ref.abs().max().clamp_min(1e-12)
+            assert ((state[k] - ref).abs().max() / scale).item() < 1e-4, k
+        else:
+            assert torch.equal(state[k], ref), k
+
+
+def test_batch_shape_change_is_an_error():
+    stepper = graphstep.GraphedStep(lambda b, s: s, (), CPU)
+    stepper(_batches(1)[0], 1)
+    with pytest.raises(ValueError, match="batch changed shape"):
+        stepper(tuple(t[:2] for t in _batches(1)[0]), 2)
+
+
+def test_device_learning_rates_load_as_numbers(tmp_path):
+    """A --cuda-graph run's checkpoint holds its rates as tensors; any run loads them as numbers."""
+    w = torch.nn.Parameter(torch.ones(3))
+    saver = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    graphstep.device_lr(saver)
+    saver.param_groups[0]["lr"].fill_(0.25)
+    w.grad = torch.ones(3)
+    saver.step()
+    loader = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+    checkpoint.load_optimizer(loader, saver.state_dict())
+    assert loader.param_groups[0]["lr"] == 0.25 and not torch.is_tensor(loader.param_groups[0]["lr"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
+def test_captured_step_replays_the_eager_step_on_a_gpu():
+    """On a GPU: WARMUP eager steps, a capture, then replays, against the plain step on a copy of
+    the model with the same batches, seeds and schedule. Triton kernels, fused optimizers."""
+    dev = torch.device("cuda", 0)
+    n = graphstep.WARMUP + 3
+    batches, seeds = _batches(n, dev), list(range(100, 100 + n))
+    out = {}
+    for graphed in (False, True):
+        cfg = _cfg(cuda_graph=graphed)
+        plan = fast.Plan("fast", "torch", True, False, True, cuda_graph=graphed)
+        torch.manual_seed(0)
+        model = SynthSSL(cfg, kernel_impl="triton").to(dev)
+        fast.prepare(model, plan)
+        opt, dec_opt = fast.optimizers(model, cfg, plan)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+
+        def step(batch, seed, model=model, opt=opt, dec_opt=dec_opt, params=params):
+            return ssl_step(model, model, opt, dec_opt, None, torch.autocast("cuda", dtype=torch.bfloat16), batch,
+                            seed, lambda loss: finite_flag(loss, params))
+        stepper = graphstep.GraphedStep(step, (opt, dec_opt), dev) if graphed else None
+        losses = []
+        for i, (batch, seed) in enumerate(zip(batches, seeds)):
+            _cosine(opt, 0.5, i, n + 1)
+            batch = tuple(t.contiguous(memory_format=torch.channels_last) for t in batch)
+            losses.append((stepper(batch, seed) if graphed else step(batch, seed))[1].detach().clone())
+        torch.cuda.synchronize()
+        out[graphed] = (torch.stack(losses), {k: v.clone() for k, v in model.state_dict().items()})
+        if graphed:
+            assert stepper.graph is not None
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-3, atol=1e-3)
+    for k, v in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k].float(), v.float(), rtol=1e-2, atol=1e-3,
+                                   msg=lambda m, k=k: f"{k}: {m}")
