@@ -105,7 +105,9 @@ class GraphedStep:
                 result = self.run_step(self.static, self.seed)
             else:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
+                # thread_local: the loader's threads (pinning, DALI) keep making CUDA calls while
+                # this thread captures; only this thread's calls must be capturable.
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                     self.result = self.run_step(self.static, self.seed)
                 self.graph = graph
                 result = None
