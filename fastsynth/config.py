@@ -70,7 +70,8 @@ HELP = {
     "compile_mode": "torch.compile mode (reduce-overhead uses CUDA graphs)",
     "cuda_graph": "capture the whole SSL step (every network, the Grad-CAM pass, backward, optimizers, momentum "
                   "update, queue, bank) as one CUDA graph after 3 eager steps and replay it: no Python or launch "
-                  "overhead per step (one GPU, fused optimizers, bfloat16 or float32)",
+                  "overhead per step (one GPU, --impl fast, fused optimizers, bfloat16 or float32, "
+                  "--compile-mode default)",
     "channels_last": "channels-last tensors for the convolutions (default: on with --impl fast)",
     "optimizer": "sgd: PyTorch SGD (fused on CUDA); apex-sgd / apex-lars: NVIDIA apex's FusedSGD / LARC "
                  "(apex must be installed by hand: it is not on the package index)",

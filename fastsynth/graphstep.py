@@ -15,14 +15,16 @@ algorithm search and Triton's JIT happen there, none of which may run inside a c
 next one is captured and replayed, and every later one is a replay.
 
 Limits, checked by `check`: a CUDA device, one process (the step's collectives are not
-captured), no float16 GradScaler (it decides on the host), fused optimizers, and not together
-with compile's own CUDA graphs (`--compile-mode reduce-overhead`).
+captured), no float16 GradScaler (it decides on the host), fused optimizers, the Triton kernels
+(`--impl fast`), and not together with compile's own CUDA graphs (`--compile-mode
+reduce-overhead` or `max-autotune`).
 """
 from __future__ import annotations
 
 import torch
 
 from fastsynth.config import ConfigError
+from fastsynth.kernels._dispatch import HAS_TRITON
 
 WARMUP = 3  # eager steps before the capture
 
@@ -41,8 +43,13 @@ def check(cfg, plan, device: torch.device, float16: bool, world: int) -> None:
         problems.append("no float16 GradScaler (--amp-dtype bfloat16, or no --amp)")
     if not plan.fused:
         problems.append("fused optimizers (--optimizer sgd on CUDA)")
-    if plan.compile and cfg.compile_mode == "reduce-overhead":
-        problems.append("not --compile-mode reduce-overhead (CUDA graphs inside a CUDA graph)")
+    if plan.impl != "fast" or not HAS_TRITON:
+        # The reference dual noise seeds a torch.Generator from the seed on the host: a sync.
+        problems.append("--impl fast with Triton (the kernels read the step's seed on the device)")
+    if plan.compile and cfg.compile_mode != "default":
+        # reduce-overhead and max-autotune both turn on inductor's own CUDA graphs, which would
+        # record inside this capture (and free cuBLAS workspaces it points to).
+        problems.append(f"--compile-mode default, not {cfg.compile_mode} (its CUDA graphs inside this one)")
     if problems:
         raise ConfigError("--cuda-graph needs " + "; ".join(problems))
 

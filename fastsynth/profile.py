@@ -318,6 +318,9 @@ def profile(cfg, steps: int, warmup: int, data: str = "synthetic-gpu", trace: st
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the stage marks record on the current device's stream
     plan = fast.resolve(cfg, device)
+    if plan.cuda_graph:  # the capture happens in an untimed step: eager steps first, then it
+        from fastsynth.graphstep import WARMUP
+        warmup = max(warmup, WARMUP + 1)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {platform.machine()}"
     header = {
         "impl": plan.impl, "plan": dataclasses.asdict(plan), "plan_text": plan.describe(), "data": data,

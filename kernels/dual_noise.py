@@ -341,6 +341,9 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
     path = resolve_impl(impl, z.device.type, HAS_TRITON_KERNEL, applies=same_device and counter_fits)
     with torch.no_grad():
         if path == "torch":
+            if device_seed and z.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise ValueError("dual_noise: the reference reads a tensor seed on the host, which a CUDA graph "
+                                 "capture cannot do; the Triton kernel reads it on the device (impl='triton')")
             return dual_noise_reference(z, s, v_bar, sigma_g, sigma_v, lam, int(seed) if device_seed else seed)
         if not same_device:
             raise ValueError(f"dual_noise: z, s, v_bar on different devices ({z.device}, {s.device}, {v_bar.device})")

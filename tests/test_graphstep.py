@@ -29,7 +29,9 @@ def _batches(n, device=CPU, size=32, b=4):
     ("one process", {}, {}, False, 2),
     ("no float16 GradScaler", {}, {}, True, 1),
     ("fused optimizers", {}, {"fused": False}, False, 1),
-    ("not --compile-mode reduce-overhead", {"compile_mode": "reduce-overhead"}, {"compile": True}, False, 1)])
+    ("--impl fast with Triton", {}, {"impl": "reference"}, False, 1),
+    ("--compile-mode default, not reduce-overhead", {"compile_mode": "reduce-overhead"}, {"compile": True}, False, 1),
+    ("--compile-mode default, not max-autotune", {"compile_mode": "max-autotune"}, {"compile": True}, False, 1)])
 def test_limits_are_clear_errors(why, kw, plan_kw, float16, world):
     cfg = _cfg(cuda_graph=True, **kw)
     plan = fast.Plan(**{**dict(impl="fast", loader="torch", channels_last=True, compile=False, fused=True,
@@ -180,9 +182,13 @@ def test_a_replay_equals_the_eager_step_from_the_same_state_on_a_gpu():
             runs.append((loss.float().clone(), out["x_tilde"].float().clone(), _flat_state(model.state_dict())))
         (loss_r, xt_r, state_r), (loss_e, xt_e, state_e) = runs
         torch.testing.assert_close(loss_r, loss_e, rtol=1e-3, atol=1e-4)
-        for what, a, b in (("x_tilde", xt_r, xt_e), ("state", state_r, state_e)):
-            assert ((a - b).norm() / b.norm()).item() < 1e-3, what
-        assert not torch.equal(state_r, _flat_state(snap[0]))  # the replay did step
+        # The state's change in this step, not the state: a rate kept from the capture (2^-4
+        # for 2^-7) scales the change 8x but moves the whole state by less than 1e-3.
+        before = _flat_state(snap[0])
+        for what, a, b in (("x_tilde", xt_r, xt_e), ("the step's change of the state", state_r - before,
+                                                     state_e - before)):
+            assert ((a - b).norm() / b.norm()).item() < 1e-2, what
+        assert (state_r - before).norm() > 0  # the replay did step
         stepper(batches[graphstep.WARMUP + 2], 556)  # and replays go on after an eager step
         torch.cuda.synchronize()
     finally:
