@@ -10,6 +10,7 @@ from fastsynth.config import Config, ConfigError
 from fastsynth.engine import precision, ssl_step
 from fastsynth.kernels import dual_noise
 from fastsynth.model import SynthSSL
+from stepcase import built
 from tinydata import tiny_folder
 
 CPU = torch.device("cpu")
@@ -228,13 +229,8 @@ def test_deferred_finite_check_skips_on_device():
     fused = fast.Plan("fast", "torch", False, False, True)
     runs = {}
     for name, plan in (("host", fast.Plan("fast", "torch", False, False, False)), ("device", fused)):
-        torch.manual_seed(0)
-        model = SynthSSL(cfg)
-        opt, dec_opt = fast.optimizers(model, cfg, plan)
+        model, opt, dec_opt, autocast, params = built(cfg, plan)
         assert opt.param_groups[0]["fused"] is (True if plan.fused else None)
-        autocast, scaler = precision(cfg, CPU)
-        params = [p for p in model.parameters() if p.requires_grad]
-        model.train()
 
         def finite(loss):
             return finite_flag(loss, params) if plan.fused else bool(finite_flag(loss, params))
@@ -267,12 +263,7 @@ def test_skipped_first_fused_step_leaves_clean_momentum():
     fused = fast.Plan("fast", "torch", False, False, True)
     out = []
     for skip_first in (False, True):
-        torch.manual_seed(0)
-        model = SynthSSL(cfg)
-        opt, dec_opt = fast.optimizers(model, cfg, fused)
-        autocast, _ = precision(cfg, CPU)
-        params = [p for p in model.parameters() if p.requires_grad]
-        model.train()
+        model, opt, dec_opt, autocast, params = built(cfg, fused)
         if skip_first:
             x1, x2, x = _batch()
             x1[0, 0, 0, 0] = float("nan")

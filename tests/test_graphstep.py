@@ -6,9 +6,9 @@ import torch
 
 from fastsynth import checkpoint, fast, graphstep, profile, train
 from fastsynth.config import Config, ConfigError
-from fastsynth.engine import _cosine, precision, ssl_step
+from fastsynth.engine import _cosine, ssl_step
 from fastsynth.guard import finite_flag
-from fastsynth.model import SynthSSL
+from stepcase import built
 
 CPU = torch.device("cpu")
 
@@ -53,14 +53,7 @@ def test_commands_refuse_it_before_any_work(tmp_path, capsys):
 def _run(graphed: bool, batches, seeds):
     """Three SSL steps with fused optimizers (also on a CPU in this torch) and the cosine schedule;
     graphed: through GraphedStep's buffers without the capture. Returns the state afterwards."""
-    cfg = _cfg()
-    plan = fast.Plan("fast", "torch", False, False, True)
-    torch.manual_seed(0)
-    model = SynthSSL(cfg)
-    opt, dec_opt = fast.optimizers(model, cfg, plan)
-    autocast, _ = precision(cfg, CPU)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    model, opt, dec_opt, autocast, params = built(_cfg(), fast.Plan("fast", "torch", False, False, True))
 
     def step(batch, seed):
         return ssl_step(model, model, opt, dec_opt, None, autocast, batch, seed, lambda loss: finite_flag(loss, params))
@@ -147,14 +140,9 @@ def test_a_replay_equals_the_eager_step_from_the_same_state_on_a_gpu():
     saved = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
-        cfg = _cfg(cuda_graph=True, decoder_lr=2.0 ** -10)
-        plan = fast.Plan("fast", "torch", True, False, True, cuda_graph=True)  # cudnn.benchmark off
-        torch.manual_seed(0)
-        model = SynthSSL(cfg, kernel_impl="triton").to(dev)
-        fast.prepare(model, plan)
-        opt, dec_opt = fast.optimizers(model, cfg, plan)
-        params = [p for p in model.parameters() if p.requires_grad]
-        model.train()
+        model, opt, dec_opt, _, params = built(_cfg(cuda_graph=True, decoder_lr=2.0 ** -10),
+                                               fast.Plan("fast", "torch", True, False, True, cuda_graph=True),
+                                               dev, kernel_impl="triton")  # cudnn.benchmark off (the Plan's)
 
         def step(batch, seed):
             return ssl_step(model, model, opt, dec_opt, None, lambda: torch.autocast("cuda", dtype=torch.bfloat16),
