@@ -181,3 +181,46 @@ def test_a_replay_equals_the_eager_step_from_the_same_state_on_a_gpu():
         torch.cuda.synchronize()
     finally:
         torch.backends.cudnn.deterministic = saved
+
+
+def test_training_loop_runs_and_resumes_through_the_graph_step(tmp_path, monkeypatch):
+    """train.py's loop with the graph step (here without the capture, which a CPU cannot do;
+    check() is what refuses --cuda-graph here, so the plan is forced past it): every SSL step
+    goes through GraphedStep, the logged rates are numbers, the checkpoint's device rates load
+    back on --resume, and the resumed run goes on from its step. Warm-up and SSL, synth on
+    (the device seed, capturable Adam)."""
+    import dataclasses
+    import json
+    import os
+    import signal
+
+    from fastsynth import engine
+    from tinydata import tiny_folder
+    root = tiny_folder(tmp_path / "data", test_per_class=2, size=40)
+    resolve, calls = fast.resolve, []
+    monkeypatch.setattr(fast, "resolve", lambda cfg, dev: dataclasses.replace(resolve(cfg, dev), cuda_graph=True,
+                                                                              fused=True))
+    monkeypatch.setattr(graphstep, "check", lambda *a: None)
+    real = graphstep.GraphedStep.__call__
+    monkeypatch.setattr(graphstep.GraphedStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    cosine = engine._cosine
+
+    def stop_after_two(*a):  # SIGTERM as the third step starts: it finishes, then the checkpoint
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return cosine(*a)
+    monkeypatch.setattr(engine, "_cosine", stop_after_two)
+    out = tmp_path / "run"
+    args = ["--dataset", "folder", "--data-root", root, "--output-dir", str(out), "--arch", "resnet18",
+            "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--queue-size", "32",
+            "--bank-size", "16", "--decoder-width", "16", "--workers", "0", "--stage", "ssl"]
+    assert train.main([*args[:-2], "--stage", "warmup"]) == 0
+    train.main(args)  # stopped by the signal
+    ckpt = checkpoint.load(str(out / "last.pt"))
+    assert ckpt["step"] == 3 and torch.is_tensor(ckpt["optimizer"]["param_groups"][0]["lr"])
+    monkeypatch.setattr(engine, "_cosine", cosine)
+    assert train.main(["--resume", "auto", "--output-dir", str(out)]) == 0
+    assert len(calls) == 6 and checkpoint.load(str(out / "last.pt"))["step"] == 6  # 2 epochs of 3
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["lr"] for r in logged if r.get("stage") == "ssl"] and all(
+        isinstance(r["lr"], float) for r in logged if r.get("stage") == "ssl")
