@@ -72,15 +72,14 @@ class GraphedStep:
     static outputs: the next step overwrites them, so read them before it (the training loop
     adds them to its sums at once).
 
-    capture=False runs every step eagerly through the same static buffers and device seed (the
-    CPU tests' check of everything but the capture itself).
+    On a CPU every step runs eagerly through the same static buffers and device seed (the CPU
+    tests' check of everything but the capture itself).
     """
 
-    def __init__(self, run_step, opts, device: torch.device, capture: bool = True, warmup: int = WARMUP):
+    def __init__(self, run_step, opts, device: torch.device):
         self.run_step = run_step  # (batch, seed) -> ssl_step's tuple; a closure over the model
         self.device = device
-        self.capture = capture and device.type == "cuda"
-        self.warmup = warmup
+        self.capture = device.type == "cuda"
         self.seed = torch.zeros((), dtype=torch.long, device=device)
         device_lr(*opts)
         self.static = None
@@ -107,7 +106,7 @@ class GraphedStep:
         # cuDNN workspaces, compiled graphs, Triton's binaries) is then there for the capture.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            if self.eager_steps < self.warmup:
+            if self.eager_steps < WARMUP:
                 self.eager_steps += 1
                 result = self.run_step(self.static, self.seed)
             else:
