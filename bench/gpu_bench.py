@@ -441,9 +441,10 @@ def case_feature_bank(m, size, d, b, rep_ms):
     return out
 
 
-# (block_d, programs_per_sm) of kernels/feature_bank.py's TUNING: columns per program, and the
-# row split of the once-per-rotation recompute. The first is the module default.
-FEATURE_BANK_SWEEP = [(64, 2), (64, 4), (32, 2), (32, 1), (16, 1)]
+# (block_d, programs_per_sm, block_b) of kernels/feature_bank.py's TUNING: columns per program,
+# the row split (of the batch on every update, of the ring on a rotation's), rows per tile. The
+# first is the module default.
+FEATURE_BANK_SWEEP = [(64, 2, 32), (64, 4, 16), (64, 8, 16), (32, 2, 16), (32, 4, 8), (16, 1, 32), (16, 2, 16)]
 
 
 def case_feature_bank_sweep(m, size, d, b, rep_ms):
@@ -453,9 +454,9 @@ def case_feature_bank_sweep(m, size, d, b, rep_ms):
     from fastsynth.kernels._dispatch import tuned
     z = torch.randn(b, d, device=DEV)
     rows = []
-    for bd, pps in FEATURE_BANK_SWEEP:
-        row = {"block_d": bd, "programs_per_sm": pps}
-        with tuned(m, block_d=bd, programs_per_sm=pps):
+    for bd, pps, bb in FEATURE_BANK_SWEEP:
+        row = {"block_d": bd, "programs_per_sm": pps, "block_b": bb}
+        with tuned(m, block_d=bd, programs_per_sm=pps, block_b=bb):
             try:
                 bank = m.FeatureBank(size, d, impl="triton").to(DEV)
                 bank.update(torch.randn(size, d, device=DEV))

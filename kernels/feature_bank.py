@@ -8,7 +8,8 @@ Both paths keep the same state: the rows, a device-side count of rows ever writt
 fill level derive from it, so no host read is needed), and float64 per-dimension mean and
 centred sum of squares (M2) plus the float32 variance. The reference recomputes mean and M2 from
 all stored rows after each update (an M x d pass); the Triton kernel removes the evicted rows'
-contribution and adds the new rows' with Chan's pairwise formulas, an O(B d) update, and
+contribution and adds the new rows' with Chan's pairwise formulas (each program of the launch
+takes a share of the batch; the last of a column slice merges the shares), an O(B d) update, and
 recomputes exactly once per rotation of the ring (O(B d) amortised), so rounding cannot
 accumulate; `variance()` is O(d) on either path.
 """
@@ -21,8 +22,13 @@ from ._dispatch import HAS_TRITON, num_sms, resolve_impl, skip_launch, tl, trito
 
 HAS_TRITON_KERNEL = HAS_TRITON
 # block_d columns per program, rows read block_b at a time; programs_per_sm sizes the row split
-# of the once-per-rotation recompute (d / block_d column slices x chunks programs in all).
-TUNING = {"block_d": 64, "block_b": 32, "programs_per_sm": 2}
+# (d / block_d column slices x chunks programs in all): each program takes a share of the batch,
+# and on a rotation's update a share of the ring. merge_tile: float64 partials a slice's merging
+# program reads as one tile (32 registers a thread at 4 warps).
+# The batch was split over row chunks after the H200 run of 14a4910: one program per column
+# slice streamed all B rows in a chain of dependent loads, 25.7 us for 3 MB of traffic
+# (bench/results/2026-11-26-h200-run5).
+TUNING = {"block_d": 64, "block_b": 32, "programs_per_sm": 2, "merge_tile": 2048}
 MIN_BLOCK_D = 16  # sizes the kernel's completion counters (one per column slice)
 
 
@@ -52,43 +58,51 @@ def _variance_from(m2: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
     @triton.jit
-    def _group_rows(base_ptr, b0, ptr, M, nrows, stride_r, cols, cmask, filled,
-                    WRAP: tl.constexpr, BLOCK_B: tl.constexpr):
-        """Rows b0 .. b0 + BLOCK_B of a group as float64, and which of them count.
+    def _finite(x):
+        """NaN and +-inf as 0 (torch.nan_to_num(x, 0, 0, 0)): a diverging step's features would
+        stay in the streaming statistics for good. Done on the load, not by a launch before."""
+        return tl.where((x == x) & (tl.abs(x) != float("inf")), x, 0.0)
 
-        WRAP: rows live in the ring at (ptr + i) % M and count only where they hold data
-        (< filled); otherwise rows 0..nrows-1 of a plain B x d input.
+    @triton.jit
+    def _group_rows(base_ptr, b0, i1, ptr, M, stride_r, cols, cmask, filled,
+                    WRAP: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Rows b0 .. b0 + BLOCK_B (below i1) of a group as float64, and which of them count.
+
+        WRAP: rows of the ring at (ptr + i) % M, counting only where they hold data (< filled);
+        otherwise rows i of the batch z, NaN and inf stored (and counted) as 0.
         """
         i = b0 + tl.arange(0, BLOCK_B)
         if WRAP:
             r = (ptr + i) % M
-            valid = (i < nrows) & (r < filled)
+            valid = (i < i1) & (r < filled)
         else:
             r = i
-            valid = i < nrows
+            valid = i < i1
         x = tl.load(base_ptr + r.to(tl.int64)[:, None] * stride_r + cols[None, :],
-                    mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float64)
-        return x, valid
+                    mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        if not WRAP:
+            x = _finite(x)
+        return x.to(tl.float64), valid
 
     @triton.jit
-    def _group_stats(base_ptr, ptr, M, nrows, stride_r, cols, cmask, filled,
+    def _group_stats(base_ptr, i0, i1, ptr, M, stride_r, cols, cmask, filled,
                      WRAP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(count, mean, M2) per column of `nrows` rows, two-pass in float64 (the second pass
-        re-reads the rows, from cache, rather than cancel sum and sum of squares)."""
-        acc = tl.zeros([BLOCK_D], tl.float64)
+        """(count, mean, M2) per column of group rows i0 .. i1, two-pass in float64 (the second
+        pass re-reads the rows, from cache, rather than cancel sum and sum of squares)."""
+        acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float64)
         cnt = tl.zeros([BLOCK_B], tl.float64)
-        for b0 in range(0, nrows, BLOCK_B):
-            x, valid = _group_rows(base_ptr, b0, ptr, M, nrows, stride_r, cols, cmask, filled, WRAP, BLOCK_B)
-            acc += tl.sum(x, axis=0)
+        for b0 in range(i0, i1, BLOCK_B):
+            x, valid = _group_rows(base_ptr, b0, i1, ptr, M, stride_r, cols, cmask, filled, WRAP, BLOCK_B)
+            acc += x
             cnt += valid.to(tl.float64)
         n = tl.sum(cnt, axis=0)
-        mean = acc / tl.maximum(n, 1.0)
-        m2 = tl.zeros([BLOCK_D], tl.float64)
-        for b0 in range(0, nrows, BLOCK_B):
-            x, valid = _group_rows(base_ptr, b0, ptr, M, nrows, stride_r, cols, cmask, filled, WRAP, BLOCK_B)
+        mean = tl.sum(acc, axis=0) / tl.maximum(n, 1.0)
+        acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float64)
+        for b0 in range(i0, i1, BLOCK_B):
+            x, valid = _group_rows(base_ptr, b0, i1, ptr, M, stride_r, cols, cmask, filled, WRAP, BLOCK_B)
             dx = tl.where(valid[:, None], x - mean[None, :], 0.0)
-            m2 += tl.sum(dx * dx, axis=0)
-        return n, mean, m2
+            acc += dx * dx
+        return n, mean, tl.sum(acc, axis=0)
 
     @triton.jit
     def _ring_rows_after(z_ptr, bank_ptr, r0, end, ptr, M, B, stride_zb, D, cols, cmask,
@@ -103,25 +117,62 @@ if HAS_TRITON:
         old = valid & (i >= B)
         x = tl.load(bank_ptr + r.to(tl.int64)[:, None] * D + cols[None, :],
                     mask=old[:, None] & cmask[None, :], other=0.0).to(tl.float64)
-        x += tl.load(z_ptr + i.to(tl.int64)[:, None] * stride_zb + cols[None, :],
-                     mask=new[:, None] & cmask[None, :], other=0.0).to(tl.float32).to(tl.float64)
+        x += _finite(tl.load(z_ptr + i.to(tl.int64)[:, None] * stride_zb + cols[None, :],
+                             mask=new[:, None] & cmask[None, :], other=0.0).to(tl.float32)).to(tl.float64)
         return x, valid
 
     @triton.jit
-    def _bank_update_kernel(z_ptr, bank_ptr, count_ptr, mean_ptr, m2_ptr, var_ptr, done_ptr,
-                            pmean_ptr, pm2_ptr,
-                            B, M, D, stride_zb, stride_zd, chunk,
-                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program (d, r) owns columns d * BLOCK_D ..; program (d, 0) evicts, inserts and streams
-        that slice's statistics. When this batch reaches the ring's end, every program (d, r)
-        instead takes the exact two-pass statistics of ring rows r * chunk .. (r + 1) * chunk,
-        and the last of a column slice's programs to finish merges them.
+    def _combine(part_ptr, slot, chunks, D, cols, cmask, BLOCK_CH: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(count, mean, M2) of the union of `chunks` groups whose statistics lie at part_ptr's
+        slots slot, slot + 1, slot + 2 (count, mean, M2; chunks x D each). The pooled mean first,
+        then every group's M2 plus its count times its squared distance to it: two passes over
+        the chunk tiles, no chain of pairwise merges (each a dependent load). Empty groups
+        (count 0) add nothing. Loads go to L2 (.cg), where the other programs' stores are."""
+        ch = tl.arange(0, BLOCK_CH)
+        n = tl.zeros([BLOCK_D], tl.float64)
+        s = tl.zeros([BLOCK_D], tl.float64)
+        for c0 in range(0, chunks, BLOCK_CH):
+            off = (c0 + ch)[:, None] * D + cols[None, :]
+            m = ((c0 + ch) < chunks)[:, None] & cmask[None, :]
+            n_c = tl.load(part_ptr + slot * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
+            mean_c = tl.load(part_ptr + (slot + 1) * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
+            n += tl.sum(n_c, axis=0)
+            s += tl.sum(n_c * mean_c, axis=0)
+        mean = s / tl.maximum(n, 1.0)
+        m2 = tl.zeros([BLOCK_D], tl.float64)
+        for c0 in range(0, chunks, BLOCK_CH):
+            off = (c0 + ch)[:, None] * D + cols[None, :]
+            m = ((c0 + ch) < chunks)[:, None] & cmask[None, :]
+            n_c = tl.load(part_ptr + slot * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
+            mean_c = tl.load(part_ptr + (slot + 1) * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
+            m2_c = tl.load(part_ptr + (slot + 2) * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
+            dm = mean_c - mean[None, :]
+            m2 += tl.sum(m2_c + n_c * dm * dm, axis=0)
+        return n, mean, m2
+
+    @triton.jit
+    def _store_stats(part_ptr, slot, chunk_id, chunks, D, cols, cmask, n, mean, m2):
+        base = part_ptr + chunk_id * D + cols
+        tl.store(base + slot * chunks * D, n + tl.zeros_like(mean), mask=cmask)
+        tl.store(base + (slot + 1) * chunks * D, mean, mask=cmask)
+        tl.store(base + (slot + 2) * chunks * D, m2, mask=cmask)
+
+    @triton.jit
+    def _bank_update_kernel(z_ptr, bank_ptr, count_ptr, mean_ptr, m2_ptr, var_ptr, done_ptr, part_ptr,
+                            B, M, D, stride_zb, chunk, bchunk,
+                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CH: tl.constexpr):
+        """Program (d, r) owns columns d * BLOCK_D .. and batch rows r * bchunk ..: it writes them
+        over the oldest ring rows and takes the statistics of what it evicts and what it inserts
+        (or, when this batch reaches the ring's end, the exact statistics of ring rows
+        r * chunk .. after the update). The last program of a column slice to finish merges the
+        slice's partial statistics (part_ptr: 6 x chunks x D float64) into the bank's.
 
         z must have unit column stride (the launcher guarantees it). done_ptr: [0] counts the
-        finished programs, [1 + d] the finished recompute chunks of slice d; all back at 0 after.
+        finished programs, [1 + d] the finished programs of slice d; all back at 0 after.
         """
         pid = tl.program_id(0)
         pid_r = tl.program_id(1)
+        chunks = tl.num_programs(1)
         cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
         cmask = cols < D
         count = tl.load(count_ptr)                       # rows ever written (int64, on device)
@@ -131,54 +182,26 @@ if HAS_TRITON:
         # replaced by an exact recompute over every stored row. Removing an evicted row subtracts
         # numbers that can be far larger than what stays (features whose scale falls), and the
         # float64 rounding left behind would otherwise never go: now it lasts at most one
-        # rotation. M / B updates apart, so O(B d) per update on average. The recompute is split
-        # over row chunks: one program per column slice read the whole bank serially (~7 ms
-        # at M 65536, d 2048 on the H200, 13 us a step on average).
+        # rotation. M / B updates apart, so O(B d) per update on average.
         rotate = ptr + B >= M
+        i0 = pid_r * bchunk
+        i1 = tl.minimum(i0 + bchunk, B)
 
-        if pid_r == 0:
-            if ptr + B < M:  # (not rotate)
-                # Chan et al.: remove the evicted group (rows about to be overwritten), add the batch.
-                n_r, mean_r, m2_r = _group_stats(bank_ptr, ptr, M, B, D, cols, cmask, filled,
-                                                 WRAP=True, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
-                n_a, mean_a, m2_a = _group_stats(z_ptr, ptr, M, B, stride_zb, cols, cmask, filled,
-                                                 WRAP=False, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
-                n = filled.to(tl.float64)
-                mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-                m2 = tl.load(m2_ptr + cols, mask=cmask, other=0.0)
-
-                n_s = n - n_r
-                keep = n_s > 0
-                n_s_safe = tl.where(keep, n_s, 1.0)
-                mean_s = tl.where(keep, (n * mean - n_r * mean_r) / n_s_safe, 0.0)
-                delta = mean_r - mean_s
-                m2_s = m2 - m2_r - delta * delta * (n_s * n_r / tl.maximum(n, 1.0))
-                m2_s = tl.where(keep, tl.maximum(m2_s, 0.0), 0.0)
-
-                n_new = n_s + n_a
-                delta = mean_a - mean_s
-                mean_new = mean_s + delta * (n_a / n_new)
-                m2_new = m2_s + m2_a + delta * delta * (n_s * n_a / n_new)
-                var = tl.where(n_new >= 2, m2_new / tl.maximum(n_new - 1.0, 1.0), 0.0)
-                tl.store(mean_ptr + cols, mean_new, mask=cmask)
-                tl.store(m2_ptr + cols, m2_new, mask=cmask)
-                tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
-
-            # Overwrite the evicted rows with the batch (after this program read them above).
-            for b0 in range(0, B, BLOCK_B):
-                i = b0 + tl.arange(0, BLOCK_B)
-                r = (ptr + i) % M
-                m = (i < B)[:, None] & cmask[None, :]
-                x = tl.load(z_ptr + i.to(tl.int64)[:, None] * stride_zb + cols[None, :], mask=m, other=0.0)
-                tl.store(bank_ptr + r.to(tl.int64)[:, None] * D + cols[None, :], x.to(tl.float32), mask=m)
-
-        if rotate:
+        if not rotate:
+            # Chan et al.: this program's share of the evicted group (rows about to be overwritten)
+            # and of the batch; the slice's last program removes the one and adds the other.
+            n_r, mean_r, m2_r = _group_stats(bank_ptr, i0, i1, ptr, M, D, cols, cmask, filled,
+                                             WRAP=True, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
+            n_a, mean_a, m2_a = _group_stats(z_ptr, i0, i1, ptr, M, stride_zb, cols, cmask, filled,
+                                             WRAP=False, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D)
+            _store_stats(part_ptr, 0, pid_r, chunks, D, cols, cmask, n_r, mean_r, m2_r)
+            _store_stats(part_ptr, 3, pid_r, chunks, D, cols, cmask, n_a, mean_a, m2_a)
+        else:
             # After this update the ring is full: every row counts. Two passes over the chunk
-            # (the second from cache), then this chunk's (mean, M2) for the merge.
+            # (the second from cache). Tile-shaped accumulators, reduced over rows once at the
+            # end: a reduction per tile would put cross-thread shuffles in the loop.
             r0 = pid_r * chunk
             end = tl.minimum(r0 + chunk, M)
-            # Tile-shaped accumulators, reduced over rows once at the end: a reduction per tile
-            # would put cross-thread shuffles in the loop.
             acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float64)
             for b0 in range(r0, end, BLOCK_B):
                 x, valid = _ring_rows_after(z_ptr, bank_ptr, b0, end, ptr, M, B, stride_zb, D, cols, cmask,
@@ -192,38 +215,54 @@ if HAS_TRITON:
                                             BLOCK_B)
                 dx = tl.where(valid[:, None], x - mean_c[None, :], 0.0)
                 acc += dx * dx
-            m2_c = tl.sum(acc, axis=0)
-            tl.store(pmean_ptr + pid_r * D + cols, mean_c, mask=cmask)
-            tl.store(pm2_ptr + pid_r * D + cols, m2_c, mask=cmask)
-            # The slice's last chunk merges all of them (Chan's pairwise combine, in chunk
-            # order; stable, unlike removal). acq_rel: the other chunks' stores are visible.
-            chunks = tl.num_programs(1)
-            tl.debug_barrier()  # every thread's partial stored before the release below
-            if tl.atomic_add(done_ptr + 1 + pid, 1) == chunks - 1:
-                n = tl.zeros([BLOCK_D], tl.float64)
-                mean = tl.zeros([BLOCK_D], tl.float64)
-                m2 = tl.zeros([BLOCK_D], tl.float64)
-                for c in range(0, chunks):
-                    n_b = (tl.minimum(c * chunk + chunk, M) - tl.minimum(c * chunk, M)).to(tl.float64)
-                    mean_b = tl.load(pmean_ptr + c * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                    m2_b = tl.load(pm2_ptr + c * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                    n_ab = n + n_b
-                    w = n_b / tl.maximum(n_ab, 1.0)
-                    delta = mean_b - mean
-                    mean = mean + delta * w
-                    m2 = m2 + m2_b + delta * delta * n * w
-                    n = n_ab
-                var = tl.where(n >= 2, m2 / tl.maximum(n - 1.0, 1.0), 0.0)
-                tl.store(mean_ptr + cols, mean, mask=cmask)
-                tl.store(m2_ptr + cols, m2, mask=cmask)
-                tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
-                tl.atomic_xchg(done_ptr + 1 + pid, 0)
+            _store_stats(part_ptr, 0, pid_r, chunks, D, cols, cmask, n_c, mean_c, tl.sum(acc, axis=0))
+
+        # Overwrite this program's evicted rows with its rows of the batch. The barrier: every
+        # warp has read the evicted rows above (another warp may hold the same addresses).
+        tl.debug_barrier()
+        for b0 in range(i0, i1, BLOCK_B):
+            i = b0 + tl.arange(0, BLOCK_B)
+            r = (ptr + i) % M
+            m = (i < i1)[:, None] & cmask[None, :]
+            x = tl.load(z_ptr + i.to(tl.int64)[:, None] * stride_zb + cols[None, :], mask=m, other=0.0)
+            tl.store(bank_ptr + r.to(tl.int64)[:, None] * D + cols[None, :], _finite(x.to(tl.float32)), mask=m)
+
+        # The slice's last program merges (acq_rel: the other programs' partials are visible).
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        if tl.atomic_add(done_ptr + 1 + pid, 1) == chunks - 1:
+            if not rotate:
+                n_r, mean_r, m2_r = _combine(part_ptr, 0, chunks, D, cols, cmask, BLOCK_CH, BLOCK_D)
+                n_a, mean_a, m2_a = _combine(part_ptr, 3, chunks, D, cols, cmask, BLOCK_CH, BLOCK_D)
+                n = filled.to(tl.float64)
+                mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+                m2 = tl.load(m2_ptr + cols, mask=cmask, other=0.0)
+
+                n_s = n - n_r
+                keep = n_s > 0
+                n_s_safe = tl.where(keep, n_s, 1.0)
+                mean_s = tl.where(keep, (n * mean - n_r * mean_r) / n_s_safe, 0.0)
+                delta = mean_r - mean_s
+                m2_s = m2 - m2_r - delta * delta * (n_s * n_r / tl.maximum(n, 1.0))
+                m2_s = tl.where(keep, tl.maximum(m2_s, 0.0), 0.0)
+
+                n = n_s + n_a
+                delta = mean_a - mean_s
+                n_safe = tl.maximum(n, 1.0)  # 0 only in the masked-off columns past D
+                mean = mean_s + delta * (n_a / n_safe)
+                m2 = m2_s + m2_a + delta * delta * (n_s * n_a / n_safe)
+            else:
+                n, mean, m2 = _combine(part_ptr, 0, chunks, D, cols, cmask, BLOCK_CH, BLOCK_D)
+            var = tl.where(n >= 2, m2 / tl.maximum(n - 1.0, 1.0), 0.0)
+            tl.store(mean_ptr + cols, mean, mask=cmask)
+            tl.store(m2_ptr + cols, m2, mask=cmask)
+            tl.store(var_ptr + cols, var.to(tl.float32), mask=cmask)
+            tl.atomic_xchg(done_ptr + 1 + pid, 0)
 
         # The last program to finish advances the count: every program has read it by then, so
         # the pointer update needs no second launch. acq_rel atomics order the read before.
         tl.debug_barrier()  # every warp of this program has read the count and written its share
         finished = tl.atomic_add(done_ptr, 1)
-        if finished == tl.num_programs(0) * tl.num_programs(1) - 1:
+        if finished == tl.num_programs(0) * chunks - 1:
             tl.store(count_ptr, count + B)
             tl.atomic_xchg(done_ptr, 0)
 
@@ -234,19 +273,23 @@ if HAS_TRITON:
         m = bank.shape[0]
         block_d, block_b = TUNING["block_d"], TUNING["block_b"]
         slices = triton.cdiv(d, block_d)
-        # Row chunks for the once-per-rotation recompute: about programs_per_sm programs per SM
-        # in all. On the other updates the extra programs only read the count and leave.
+        # Row chunks: about programs_per_sm programs per SM in all. Each takes a share of the
+        # batch (bchunk rows) on every update, and of the ring (chunk rows) on a rotation's.
         chunks = max(1, min(triton.cdiv(m, block_b),
                             triton.cdiv(num_sms(bank.device) * TUNING["programs_per_sm"], slices)))
         chunk = triton.cdiv(triton.cdiv(m, chunks), block_b) * block_b
         chunks = triton.cdiv(m, chunk)
+        bchunk = triton.cdiv(b, chunks)
         if done.numel() < 1 + slices:
             raise ValueError(f"FeatureBank: completion counters for {slices} column slices, have {done.numel() - 1}")
-        partial = torch.empty(2, chunks, d, device=bank.device, dtype=torch.float64)
+        # Per chunk: (count, mean, M2) of the evicted rows and of the inserted ones (a rotation's
+        # update uses the first three for its ring chunk).
+        partial = torch.empty(6, chunks, d, device=bank.device, dtype=torch.float64)
+        block_ch = min(triton.next_power_of_2(chunks), max(1, TUNING["merge_tile"] // block_d))
         wrap_triton(_bank_update_kernel)[(slices, chunks)](
-            z, bank, count, mean, m2, var, done, partial[0], partial[1],
-            b, m, d, z.stride(0), z.stride(1), chunk,
-            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
+            z, bank, count, mean, m2, var, done, partial,
+            b, m, d, z.stride(0), chunk, bchunk,
+            BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_CH=block_ch, num_warps=4)
 
     @torch.library.triton_op("fastsynth::feature_bank_update",
                              mutates_args=("bank", "count", "mean", "m2", "var", "done"))
@@ -299,19 +342,20 @@ class FeatureBank(nn.Module):
         # Statistics must describe exactly the stored (float32) values, or later evictions would
         # remove numbers that never were added.
         z = z.detach().to(self.bank.dtype) if z.dtype == torch.float64 else z.detach()
-        # A diverging step's features (NaN/inf) would stay in the streaming statistics for good;
-        # the step itself is skipped by the training loop, and its rows are stored as zeros.
-        z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
         if z.shape[0] > self.size:  # only the newest `size` rows survive anyway
             z = z[-self.size:]
         if z.device != self.bank.device:
             z = z.to(self.bank.device)
+        # A diverging step's features (NaN/inf) would stay in the streaming statistics for good;
+        # the step itself is skipped by the training loop, and its rows are stored as zeros
+        # (by the kernel as it reads them; here on the reference path).
         if resolve_impl(self.impl, self.bank.device.type, HAS_TRITON_KERNEL) == "triton":
             if z.stride(1) != 1:
                 z = z.contiguous()
             torch.ops.fastsynth.feature_bank_update(z, self.bank, self.count, self.mean, self.m2, self.var,
                                                     self.done)
             return
+        z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
         b = z.shape[0]
         # Pointer arithmetic stays on the device: reading it on the host would synchronise.
         rows = (torch.arange(b, device=self.bank.device) + self.ptr) % self.size

@@ -214,3 +214,50 @@ def test_rotation_recompute_merges_row_chunks_exactly(kdev, block_b, per_sm):
             torch.testing.assert_close(bank.variance().cpu().double(), rows.var(dim=0), rtol=1e-6, atol=0)
             assert int(bank.done.abs().sum()) == 0
     assert rotations == 4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_rows_are_stored_and_counted_as_zero(impl, kdev):
+    """NaN and +-inf entries enter the bank as 0 on both paths (the kernel cleans them as it
+    reads z), on a streamed update and on a rotation's recompute, and the statistics stay finite
+    and equal to those of the stored rows."""
+    size, dim = 12, 5
+    bank = _bank(size, dim, impl, kdev)
+    g = torch.Generator().manual_seed(4)
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for b in [5, 4, 3, 6]:                    # streamed, streamed, reaches the end, streamed
+        z = torch.randn(b, dim, generator=g) + 3
+        z[0, :3] = bad
+        z[-1, 4] = float("nan")
+        bank.update(z.to(bank.bank.device))
+        expect = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+        last = (int(bank.count) - b + torch.arange(b)) % size
+        assert torch.equal(bank.bank.cpu()[last], expect)
+        rows = bank.bank.cpu()[: int(bank.filled)].double()
+        torch.testing.assert_close(bank.variance().cpu().double(), rows.var(dim=0), rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(bank.m2).all() and torch.isfinite(bank.mean).all()
+
+
+@pytest.mark.parametrize("per_sm, b", [(64, 9), (64, 3), (3, 17)])
+def test_streamed_update_splits_the_batch_over_programs(kdev, per_sm, b):
+    """The batch is shared among a column slice's programs, some holding one row and some none
+    (more programs than rows), or uneven shares; the merged float64 statistics equal a
+    two-pass recompute over the stored rows after each streamed update."""
+    from fastsynth.kernels import feature_bank as fb
+    from fastsynth.kernels._dispatch import tuned
+    size, dim = 60, 19
+    bank = _bank(size, dim, "triton", kdev)
+    g = torch.Generator().manual_seed(6)
+    streamed = 0
+    with tuned(fb, block_b=4, programs_per_sm=per_sm, block_d=16, merge_tile=32):
+        while streamed < 8:
+            before = int(bank.count) % size
+            bank.update((50 + torch.randn(b, dim, generator=g)).to(bank.bank.device))
+            if before + b >= size:             # a rotation: recomputed, tested elsewhere
+                continue
+            streamed += 1
+            rows = bank.bank.cpu()[: int(bank.filled)].double()
+            torch.testing.assert_close(bank.mean.cpu(), rows.mean(dim=0), rtol=1e-12, atol=0)
+            torch.testing.assert_close(bank.m2.cpu(), ((rows - rows.mean(dim=0)) ** 2).sum(dim=0),
+                                       rtol=1e-8, atol=0)
+            assert int(bank.done.abs().sum()) == 0
