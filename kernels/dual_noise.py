@@ -29,8 +29,17 @@ MAX_SINGLE_BLOCK = 4096  # rows up to this width are normalised and perturbed fr
 # Philox work (Philox2x32: one multiply per round instead of two), so the normals' tails stop
 # at sqrt(32 ln 2) = 4.71 sigma (probability 2.5e-6 beyond) instead of 5.6, on a 2^16 x 2^16
 # grid of (radius, angle). It is swept on a GPU and becomes the default only if it pays there.
-TUNING = {"programs_per_sm": 4, "fast": True, "num_warps": None, "philox_rounds": 10, "generator": "philox4x32"}
+# draws: 2 draws n1 and n2 per element as Eq. 5-6 are written; 1 draws one normal n per element
+# and writes z + sqrt(a^2 + b^2) n with a, b the two terms' scales: the sum of two independent
+# zero-mean normals is a normal whose variance is the sum of theirs, so z_tilde has exactly the
+# same distribution, from half the Box-Muller work. A column outside the low-variance mask (b = 0)
+# gets a n, bit for bit the eps_g-only output. Philox then runs once per column pair: Philox2x32
+# (23-bit uniforms from its two words) or Philox4x32 (its first two words). Swept on a GPU and the
+# default only if it pays there; the reference always draws two.
+TUNING = {"programs_per_sm": 4, "fast": True, "num_warps": None, "philox_rounds": 10, "generator": "philox4x32",
+          "draws": 2}
 GENERATORS = ("philox4x32", "philox2x32")
+DRAWS = (1, 2)
 
 
 def minmax(x: torch.Tensor, dim: int = -1, scale: float = 1.0) -> torch.Tensor:
@@ -150,6 +159,29 @@ if HAS_TRITON:
             return rad_a * tl.cos(th_a), rad_a * tl.sin(th_a), rad_b * tl.cos(th_b), rad_b * tl.sin(th_b)
 
     @triton.jit
+    def _normal_pair(seed, counter, FAST: tl.constexpr, ROUNDS: tl.constexpr, GEN2: tl.constexpr):
+        """Two N(0, 1) draws, each divided by sqrt(2 ln 2), from one Box-Muller on two 23-bit
+        uniforms: Philox2x32's two words (GEN2) or Philox4x32's first two (see _normals)."""
+        if GEN2:
+            r1, r2 = _philox2x32(seed, counter, ROUNDS)
+        else:
+            r1, r2, _r3, _r4 = tl.randint4x(seed, counter, ROUNDS)
+        u = 2.0 - _unit_interval(r1)
+        th = _unit_interval(r2) * 6.283185307179586 - 9.42477796076938
+        if FAST:
+            rad = tl.sqrt(tl.maximum(-libdevice.fast_log2f(u), 0.0))  # the clamp: see _normals
+            return rad * libdevice.fast_cosf(th), rad * libdevice.fast_sinf(th)
+        else:
+            rad = tl.sqrt(-tl.log2(u))
+            return rad * tl.cos(th), rad * tl.sin(th)
+
+    @triton.jit
+    def _joint_scale(g, v):
+        """The std of eps_g + eps_v for independent terms of stds g and v: sqrt(g^2 + v^2), and
+        exactly g where v = 0 (outside the low-variance mask), whatever the sqrt's rounding."""
+        return tl.where(v == 0.0, g, tl.sqrt(g * g + v * v))
+
+    @triton.jit
     def _load(ptr, mask, EVEN: tl.constexpr):
         if EVEN:
             return tl.load(ptr).to(tl.float32)
@@ -199,18 +231,24 @@ if HAS_TRITON:
     @triton.jit
     def _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
                  ga, gb, va, vb, seed, EVEN: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr,
-                 GEN2: tl.constexpr):
+                 GEN2: tl.constexpr, ONE: tl.constexpr):
         """Write z_tilde for the column pairs (a, P + a) of one row: element a takes the cos and
-        sin of the pair's first Box-Muller draw as (n1, n2), element P + a the second's."""
+        sin of the pair's first Box-Muller draw as (n1, n2), element P + a the second's. ONE:
+        one normal per element (TUNING["draws"] = 1), the cos for a and the sin for P + a."""
         r64 = tl.cast(row, tl.int64)
         a64 = a.to(tl.int64)  # strided (e.g. transposed) inputs: offsets past 2^31
         b64 = a64 + P
         za = _load(z_ptr + r64 * stride_zb + a64 * stride_zd, ma, EVEN)
         zb = _load(z_ptr + r64 * stride_zb + b64 * stride_zd, mb, EVEN)
         # Counter = (row, column pair): the same seed gives the same noise for any block shape.
-        n1a, n2a, n1b, n2b = _normals(seed, row * P + a, FAST, ROUNDS, GEN2)
-        out_a = za + ga * n1a + va * n2a                                  # z + eps_g + eps_v
-        out_b = zb + gb * n1b + vb * n2b
+        if ONE:
+            na, nb = _normal_pair(seed, row * P + a, FAST, ROUNDS, GEN2)
+            out_a = za + _joint_scale(ga, va) * na                         # z + (eps_g + eps_v)
+            out_b = zb + _joint_scale(gb, vb) * nb
+        else:
+            n1a, n2a, n1b, n2b = _normals(seed, row * P + a, FAST, ROUNDS, GEN2)
+            out_a = za + ga * n1a + va * n2a                              # z + eps_g + eps_v
+            out_b = zb + gb * n1b + vb * n2b
         dt = out_ptr.dtype.element_ty
         if EVEN:
             tl.store(out_ptr + r64 * stride_ob + a64, out_a.to(dt))
@@ -224,7 +262,7 @@ if HAS_TRITON:
                            stride_zb, stride_zd, stride_sb, stride_sd, stride_v, stride_ob,
                            sigma_g, sigma_v, lam, seed, seed_ptr,
                            HALF: tl.constexpr, SINGLE: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
-                           ROUNDS: tl.constexpr, GEN2: tl.constexpr, SEED_PTR: tl.constexpr):
+                           ROUNDS: tl.constexpr, GEN2: tl.constexpr, SEED_PTR: tl.constexpr, ONE: tl.constexpr):
         """Rows pid, pid + programs, ...; column j is paired with P + j (P = ceil(d / 2)), HALF
         pairs at a time. SINGLE: one block covers the row, so s and the per-column eps_v scale
         stay in registers. EVEN: d = 2 P and HALF divides P, no masks. SEED_PTR: the seed is read
@@ -260,7 +298,7 @@ if HAS_TRITON:
                 g_gain, g_floor = _gain(slo, shi, sigma_g)                       # Eq. 4-5
                 _perturb(z_ptr, out_ptr, row, j, P, ma, mb, stride_zb, stride_zd, stride_ob,
                          (shi - sa) * g_gain + g_floor, (shi - sb) * g_gain + g_floor, va, vb,
-                         seed, EVEN, FAST, ROUNDS, GEN2)
+                         seed, EVEN, FAST, ROUNDS, GEN2, ONE)
             else:  # wide rows: a pass for s's min and max, then re-read s and v_bar (cache hits)
                 slo, shi = _pairs_min_max(s_row, stride_sd, P, D, HALF, EVEN)
                 g_gain, g_floor = _gain(slo, shi, sigma_g)
@@ -275,13 +313,14 @@ if HAS_TRITON:
                     _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
                              (shi - wa) * g_gain + g_floor, (shi - wb) * g_gain + g_floor,
                              _v_scale(ua, lam, vhi, v_gain, v_floor), _v_scale(ub, lam, vhi, v_gain, v_floor),
-                             seed, EVEN, FAST, ROUNDS, GEN2)
+                             seed, EVEN, FAST, ROUNDS, GEN2, ONE)
 
     def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
                 lam: float, seed: int, seed_t: torch.Tensor | None = None) -> torch.Tensor:
         """seed_t: a 0-dim int64 tensor on z's device read by the kernel instead of `seed`."""
         b, d = z.shape
         gen2 = _generator() == "philox2x32"  # checked before any early return
+        one = _draws() == 1
         out = torch.empty((b, d), device=z.device, dtype=z.dtype)
         if b == 0 or skip_launch(z, s, v_bar):
             return out
@@ -294,7 +333,7 @@ if HAS_TRITON:
             sigma_g, sigma_v, lam, seed if seed_t is None else 0, z if seed_t is None else seed_t,
             HALF=half, SINGLE=pairs <= half, EVEN=(d == 2 * pairs and pairs % half == 0),
             FAST=TUNING["fast"] and not INTERPRET, ROUNDS=TUNING["philox_rounds"],
-            GEN2=gen2, SEED_PTR=seed_t is not None,
+            GEN2=gen2, SEED_PTR=seed_t is not None, ONE=one,
             num_warps=TUNING["num_warps"] or (4 if half <= 1024 else 8))
         return out
 
@@ -303,6 +342,11 @@ if HAS_TRITON:
             raise ValueError(f"dual_noise: TUNING['generator'] = {TUNING['generator']!r}: choose one of "
                              f"{', '.join(GENERATORS)}")
         return TUNING["generator"]
+
+    def _draws() -> int:
+        if TUNING["draws"] not in DRAWS:
+            raise ValueError(f"dual_noise: TUNING['draws'] = {TUNING['draws']!r}: choose 1 or 2 normals per element")
+        return TUNING["draws"]
 
     @torch.library.triton_op("fastsynth::dual_noise_fused", mutates_args=())
     def _dual_noise_fused(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float,
@@ -321,7 +365,8 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
     """z_tilde of Sec. 3.5 (Eq. 4-6); no gradient flows (the synthesized images are detached).
 
     impl="triton": one launch, noise from Philox keyed by (seed, row, column pair); a different
-    random stream from the reference's torch.Generator, with the same distribution. Scores or
+    random stream from the reference's torch.Generator, with the same distribution (also with
+    TUNING["draws"] = 1, one normal per element scaled by the two terms' joint std). Scores or
     variances that are NaN give undefined rows (the GPU's min/max skip NaN, the reference's
     propagate it); the training loop must not feed non-finite features.
     seed: an int, or a 0-dim int64 tensor on z's device, which the kernel reads when it runs (a

@@ -70,6 +70,12 @@ def cases():
         out.append((f"dual_noise philox2x32 z={zt} B={b} d={d} floats={flt} seed={seed}", dn,
                     lambda z=z, s=s, d=d, seed=seed: dn._launch(z, s, _aot.meta(d), 0.5, 0.5, 0.02, seed), flt,
                     {"generator": "philox2x32"}))
+    # One normal per element (TUNING["draws"] = 1), with each generator, at the benchmark row.
+    for gen in ("philox4x32", "philox2x32"):
+        z, s = _aot.meta(8192, 2048, dtype=bf16), _aot.meta(8192, 2048)
+        out.append((f"dual_noise one draw {gen} z=bf16 B=8192 d=2048", dn,
+                    lambda z=z, s=s: dn._launch(z, s, _aot.meta(2048), 0.5, 0.5, 0.02, 0), "fp32",
+                    {"generator": gen, "draws": 1}))
     # The seed read from device memory (a CUDA-graph step's per-replay seed).
     z, s = _aot.meta(8192, 2048, dtype=bf16), _aot.meta(8192, 2048)
     out.append(("dual_noise seed from a device tensor z=bf16 B=8192 d=2048", dn,

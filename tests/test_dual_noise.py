@@ -31,18 +31,25 @@ if mod.HAS_TRITON_KERNEL:
         tl.store(out_ptr + 1 + i, r1.to(tl.int32, bitcast=True))
 
 
-@pytest.fixture(params=["torch", "triton", "triton-philox2x32"])
+@pytest.fixture(params=["torch", "triton", "triton-philox2x32", "triton-one-draw"])
 def impl(request, monkeypatch):
-    """The reference, and the kernel with each of its generators (TUNING["generator"])."""
+    """The reference, and the kernel with each of its generators (TUNING["generator"]), and with
+    one normal per element (TUNING["draws"] = 1, with Philox2x32, the combination meant to pay)."""
     if request.param == "triton-philox2x32":
         monkeypatch.setitem(mod.TUNING, "generator", "philox2x32")
+        return "triton"
+    if request.param == "triton-one-draw":
+        monkeypatch.setitem(mod.TUNING, "generator", "philox2x32")
+        monkeypatch.setitem(mod.TUNING, "draws", 1)
         return "triton"
     return request.param
 
 
-@pytest.fixture(params=mod.GENERATORS)
+@pytest.fixture(params=[(g, d) for d in (2, 1) for g in mod.GENERATORS], ids=lambda p: f"{p[0]}-draws{p[1]}")
 def generator(request, monkeypatch):
-    monkeypatch.setitem(mod.TUNING, "generator", request.param)
+    """Each generator, with two normals per element and with one."""
+    monkeypatch.setitem(mod.TUNING, "generator", request.param[0])
+    monkeypatch.setitem(mod.TUNING, "draws", request.param[1])
     return request.param
 
 
@@ -254,9 +261,19 @@ def test_both_terms_independent_and_add(impl, kdev):
     torch.testing.assert_close(_pooled(noise.cpu(), 4).std(dim=0), expected, rtol=0.03, atol=0.005)
 
 
+def _standard_normal(n):
+    """Moments within 1e-2 over 1e5+ samples, KS statistic below the alpha = 0.001 critical value."""
+    assert n.numel() > 1e5
+    assert abs(n.mean()) < 1e-2 and abs(n.std() - 1) < 1e-2
+    ks = stats.kstest(n.numpy(), "norm").statistic
+    assert ks < 1.95 / n.numel() ** 0.5, ks
+
+
 def test_normalised_noise_is_standard_normal(impl, kdev, poison):
     """(z_tilde - z) / scale ~ N(0, 1) for each term alone: moments within 1e-2 over 1e5+ samples,
-    KS statistic below the alpha = 0.001 critical value; the two terms uncorrelated."""
+    KS statistic below the alpha = 0.001 critical value; the two terms uncorrelated. With one
+    draw per element the terms are not drawn apart: eps_g alone and the sum over the joint std
+    are standard normal, and masked dims are exactly the eps_g-only output."""
     dev = _dev(impl, kdev)
     b, d = 40, 4096
     g = torch.Generator().manual_seed(0)
@@ -272,13 +289,15 @@ def test_normalised_noise_is_standard_normal(impl, kdev, poison):
     masked = (v_bar >= lam).expand(b, d)
     assert (v_only[masked] == 0).all()             # masked dims: eps_v exactly absent
     keep_g, keep_v = scale_g > 0.05, (scale_v > 0.05) & ~masked
-    n1 = (g_only / scale_g)[keep_g].double().cpu()
-    n2 = (v_only / scale_v)[keep_v].double().cpu()
-    for n in (n1, n2):
-        assert n.numel() > 1e5
-        assert abs(n.mean()) < 1e-2 and abs(n.std() - 1) < 1e-2
-        ks = stats.kstest(n.numpy(), "norm").statistic
-        assert ks < 1.95 / n.numel() ** 0.5, ks
+    _standard_normal((g_only / scale_g)[keep_g].double().cpu())
+    if impl == "triton" and mod.TUNING["draws"] == 1:
+        joint = (scale_g ** 2 + torch.where(masked, 0.0, scale_v) ** 2).sqrt()
+        keep = joint > 0.05
+        _standard_normal((both / joint)[keep].double().cpu())
+        # and not the sum of perfectly correlated terms (std a + b): its own check has power
+        assert abs((both / (scale_g + torch.where(masked, 0.0, scale_v)))[keep & ~masked].std() - 1) > 0.05
+        return
+    _standard_normal((v_only / scale_v)[keep_v].double().cpu())
     both_kept = keep_g & keep_v
     pair = torch.stack([(g_only / scale_g)[both_kept], (v_only / scale_v)[both_kept]]).double().cpu()
     assert abs(torch.corrcoef(pair)[0, 1]) < 1e-2
@@ -296,6 +315,11 @@ def test_triton_seed_high_word_and_generator_change_the_stream(kdev, monkeypatch
         high = dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=5 + 2 ** 40, impl="triton")
         assert torch.isfinite(outs[gen]).all() and not torch.equal(high, outs[gen]), gen
     assert not torch.equal(outs["philox4x32"], outs["philox2x32"])
+    monkeypatch.setitem(mod.TUNING, "generator", "philox4x32")
+    monkeypatch.setitem(mod.TUNING, "draws", 3)
+    with pytest.raises(ValueError, match="draws"):
+        dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=5, impl="triton")
+    monkeypatch.setitem(mod.TUNING, "draws", 2)
     monkeypatch.setitem(mod.TUNING, "generator", "mt19937")
     with pytest.raises(ValueError, match="generator"):
         dual_noise(z, s, v, 1.0, 1.0, 0.5, seed=5, impl="triton")
