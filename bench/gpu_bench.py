@@ -300,8 +300,9 @@ def case_info_nce_sweep(m, n, k, c, dtype, rep_ms):
 
 
 def case_dispatch(mods, rep_ms):
-    """Host cost of the public functions (checks + the registered op) against calling the
-    registered custom op bare: same kernels, bf16, eager wall time per call."""
+    """Host cost of the public functions (checks, then their eager path: direct launches from a
+    plain autograd.Function) against calling the registered custom op bare (the path torch.compile
+    traces): same kernels, bf16, eager wall time per call."""
     m, dn = mods["info_nce"], mods["dual_noise"]
     q = F.normalize(torch.randn(256, 128, device=DEV), dim=1).to(torch.bfloat16).requires_grad_(True)
     key = F.normalize(torch.randn(256, 128, device=DEV), dim=1).to(torch.bfloat16)

@@ -46,6 +46,27 @@ def resolve_impl(impl: str, device_type: str, has_triton_kernel: bool, applies: 
     return impl
 
 
+def direct_launch_ok(*tensors: torch.Tensor) -> bool:
+    """True where a public function may launch its kernels itself, from a plain autograd.Function
+    or none, instead of through its registered op: no torch.compile or export tracing (which
+    must see the op), no Python dispatch mode (fake tensors, functionalization, a recorder of
+    ops), and plain tensors (no subclass that the op's dispatch would unwrap).
+
+    The registered op's eager call runs Python layers (schema defaults, the custom-op autograd
+    wrapper, dynamo's disable wrapper) that cost about as much host time as the kernels' own
+    launches; in the compiled training step the losses and kernels between the compiled
+    networks run eagerly, so that host time is where the GPU waits.
+    """
+    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+        return False
+    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode()
+
+
 def wrap_triton(kernel):
     """torch.library.wrap_triton, which makes a launch a node torch.compile can trace (in eager it
     is the kernel itself). The interpreter's kernels are not `triton.jit` functions: torch 2.14
@@ -69,6 +90,26 @@ def skip_launch(*tensors: torch.Tensor) -> bool:
         return False
     from torch._subclasses.fake_tensor import is_fake
     return any(is_fake(t) for t in tensors)
+
+
+def cdiv(x: int, y: int) -> int:
+    """ceil(x / y), triton.cdiv's arithmetic without its ConstexprFunction wrapper, which costs
+    about 6 us a call on the host (Triton 3.6 and 3.8); a launcher makes up to ten of these
+    calls, all on the eager path's critical host time. Works on SymInts as well."""
+    return (x + y - 1) // y
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1): triton.next_power_of_2's bit arithmetic, without
+    the wrapper (see cdiv)."""
+    n -= 1
+    n |= n >> 1
+    n |= n >> 2
+    n |= n >> 4
+    n |= n >> 8
+    n |= n >> 16
+    n |= n >> 32
+    return n + 1
 
 
 _SMS: dict = {}

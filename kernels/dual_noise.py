@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton, wrap_triton
+from ._dispatch import (HAS_TRITON, INTERPRET, direct_launch_ok, next_pow2, num_sms, resolve_impl, skip_launch, tl,
+                        triton, wrap_triton)
 
 HAS_TRITON_KERNEL = HAS_TRITON
 COUNTER_LIMIT = 2 ** 31  # Philox counters (row * pairs + pair) are 32-bit in the kernel
@@ -316,8 +317,9 @@ if HAS_TRITON:
                              seed, EVEN, FAST, ROUNDS, GEN2, ONE)
 
     def _launch(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: float, sigma_v: float,
-                lam: float, seed: int, seed_t: torch.Tensor | None = None) -> torch.Tensor:
-        """seed_t: a 0-dim int64 tensor on z's device read by the kernel instead of `seed`."""
+                lam: float, seed: int, seed_t: torch.Tensor | None = None, direct: bool = False) -> torch.Tensor:
+        """seed_t: a 0-dim int64 tensor on z's device read by the kernel instead of `seed`.
+        direct: launch the kernel itself (the eager path), not through wrap_triton."""
         b, d = z.shape
         gen2 = _generator() == "philox2x32"  # checked before any early return
         one = _draws() == 1
@@ -325,9 +327,9 @@ if HAS_TRITON:
         if b == 0 or skip_launch(z, s, v_bar):
             return out
         pairs = (d + 1) // 2
-        half = max(1, min(triton.next_power_of_2(pairs), MAX_SINGLE_BLOCK // 2))
+        half = max(1, min(next_pow2(pairs), MAX_SINGLE_BLOCK // 2))
         programs = min(b, num_sms(z.device) * TUNING["programs_per_sm"])
-        wrap_triton(_dual_noise_kernel)[(programs,)](
+        (_dual_noise_kernel if direct else wrap_triton(_dual_noise_kernel))[(programs,)](
             z, s, v_bar, out, b, d, pairs,
             z.stride(0), z.stride(1), s.stride(0), s.stride(1), v_bar.stride(0), out.stride(0),
             sigma_g, sigma_v, lam, seed if seed_t is None else 0, z if seed_t is None else seed_t,
@@ -395,9 +397,11 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
         if not counter_fits:
             raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
         args = (z.detach(), s.detach(), v_bar.detach(), float(sigma_g), float(sigma_v), float(lam), seed)
+        if direct_launch_ok(*args[:3], *((seed,) if device_seed else ())):  # eager: no op dispatch layers
+            return _launch(*args[:6], 0 if device_seed else seed, seed if device_seed else None, direct=True)
         if device_seed:
             return torch.ops.fastsynth.dual_noise_fused_device_seed(*args)
-        return torch.ops.fastsynth.dual_noise_fused(*args)  # eager and compiled alike (see info_nce)
+        return torch.ops.fastsynth.dual_noise_fused(*args)  # traced by torch.compile
 
 
 def _check_seed(seed) -> int:

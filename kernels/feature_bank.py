@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._dispatch import HAS_TRITON, num_sms, resolve_impl, skip_launch, tl, triton, wrap_triton
+from ._dispatch import (HAS_TRITON, cdiv, direct_launch_ok, next_pow2, num_sms, resolve_impl, skip_launch, tl, triton,
+                        wrap_triton)
 
 HAS_TRITON_KERNEL = HAS_TRITON
 # block_d columns per program, rows read block_b at a time; programs_per_sm sizes the row split
@@ -266,27 +267,28 @@ if HAS_TRITON:
             tl.store(count_ptr, count + B)
             tl.atomic_xchg(done_ptr, 0)
 
-    def _launch(z, bank, count, mean, m2, var, done) -> None:
+    def _launch(z, bank, count, mean, m2, var, done, direct: bool = False) -> None:
+        """direct: launch the kernel itself (the eager path), not through wrap_triton."""
         b, d = z.shape
         if b == 0 or skip_launch(z, bank):
             return
         m = bank.shape[0]
         block_d, block_b = TUNING["block_d"], TUNING["block_b"]
-        slices = triton.cdiv(d, block_d)
+        slices = cdiv(d, block_d)
         # Row chunks: about programs_per_sm programs per SM in all. Each takes a share of the
         # batch (bchunk rows) on every update, and of the ring (chunk rows) on a rotation's.
-        chunks = max(1, min(triton.cdiv(m, block_b),
-                            triton.cdiv(num_sms(bank.device) * TUNING["programs_per_sm"], slices)))
-        chunk = triton.cdiv(triton.cdiv(m, chunks), block_b) * block_b
-        chunks = triton.cdiv(m, chunk)
-        bchunk = triton.cdiv(b, chunks)
+        chunks = max(1, min(cdiv(m, block_b),
+                            cdiv(num_sms(bank.device) * TUNING["programs_per_sm"], slices)))
+        chunk = cdiv(cdiv(m, chunks), block_b) * block_b
+        chunks = cdiv(m, chunk)
+        bchunk = cdiv(b, chunks)
         if done.numel() < 1 + slices:
             raise ValueError(f"FeatureBank: completion counters for {slices} column slices, have {done.numel() - 1}")
         # Per chunk: (count, mean, M2) of the evicted rows and of the inserted ones (a rotation's
         # update uses the first three for its ring chunk).
         partial = torch.empty(6, chunks, d, device=bank.device, dtype=torch.float64)
-        block_ch = min(triton.next_power_of_2(chunks), max(1, TUNING["merge_tile"] // block_d))
-        wrap_triton(_bank_update_kernel)[(slices, chunks)](
+        block_ch = min(next_pow2(chunks), max(1, TUNING["merge_tile"] // block_d))
+        (_bank_update_kernel if direct else wrap_triton(_bank_update_kernel))[(slices, chunks)](
             z, bank, count, mean, m2, var, done, partial,
             b, m, d, z.stride(0), chunk, bchunk,
             BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_CH=block_ch, num_warps=4)
@@ -352,8 +354,11 @@ class FeatureBank(nn.Module):
         if resolve_impl(self.impl, self.bank.device.type, HAS_TRITON_KERNEL) == "triton":
             if z.stride(1) != 1:
                 z = z.contiguous()
-            torch.ops.fastsynth.feature_bank_update(z, self.bank, self.count, self.mean, self.m2, self.var,
-                                                    self.done)
+            state = (self.bank, self.count, self.mean, self.m2, self.var, self.done)
+            if direct_launch_ok(z, *state):  # eager: no op dispatch layers (see _dispatch)
+                _launch(z, *state, direct=True)
+            else:
+                torch.ops.fastsynth.feature_bank_update(z, *state)
             return
         z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
         b = z.shape[0]

@@ -16,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import HAS_TRITON, INTERPRET, num_sms, resolve_impl, skip_launch, tl, triton, wrap_triton
+from ._dispatch import (HAS_TRITON, INTERPRET, cdiv, direct_launch_ok, next_pow2, num_sms, resolve_impl,
+                        skip_launch, tl, triton, wrap_triton)
 
 HAS_TRITON_KERNEL = HAS_TRITON
 MAX_C = 256  # a q row block and its accumulator live in registers
@@ -198,21 +199,24 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------
 # 3. Launcher
 # ---------------------------------------------------------------------------------------------
-def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, need_grad: bool):
+def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, need_grad: bool,
+            direct: bool = False):
+    """(mean loss, dL/dq). direct: launch the kernels themselves (the eager path, see
+    _dispatch.direct_launch_ok), not through wrap_triton, which a registered op needs."""
     n, c = q.shape
     kq = queue.shape[0]
-    block_c = max(16, triton.next_power_of_2(c))
-    block_n = max(16, min(TUNING["block_n"], triton.next_power_of_2(n)))
+    block_c = max(16, next_pow2(c))
+    block_n = max(16, min(TUNING["block_n"], next_pow2(n)))
     block_k = TUNING["block_k"] if block_c <= 128 else min(TUNING["block_k"], 32)
     warps = TUNING["num_warps"] if block_c <= 128 else 8
     ieee = q.dtype == torch.float32  # float32 in, float32 exactness out: no TF32 shortcut
     # Split the queue so that row blocks x splits fill the GPU (in whole waves): more splits only
     # add partial states to write and merge.
-    row_blocks = triton.cdiv(n, block_n)
-    max_splits = triton.cdiv(kq, block_k)
+    row_blocks = cdiv(n, block_n)
+    max_splits = cdiv(kq, block_k)
     splits = max(1, min(max_splits, (num_sms(q.device) * TUNING["programs_per_sm"]) // row_blocks))
-    chunk = triton.cdiv(triton.cdiv(kq, splits), block_k) * block_k
-    splits = triton.cdiv(kq, chunk)
+    chunk = cdiv(cdiv(kq, splits), block_k) * block_k
+    splits = cdiv(kq, chunk)
 
     dev = q.device
     m = torch.empty(splits, n, device=dev, dtype=torch.float32)
@@ -226,28 +230,30 @@ def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, n
         return mean, grad
     scale = 1.4426950408889634 / tau  # log2(e) / tau
     # wrap_triton makes each launch a node torch.compile can trace; in eager it is the kernel.
-    wrap_triton(_info_nce_split_kernel)[(row_blocks, splits)](
+    split_kernel = _info_nce_split_kernel if direct else wrap_triton(_info_nce_split_kernel)
+    merge_kernel = _info_nce_merge_kernel if direct else wrap_triton(_info_nce_merge_kernel)
+    split_kernel[(row_blocks, splits)](
         q, queue, m, lsum, acc, done, n, kq, c, chunk,
         q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), scale,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, NEED_GRAD=need_grad, IEEE=ieee,
         EVEN=(kq % chunk == 0 and c == block_c),
         num_warps=warps, num_stages=1 if INTERPRET else TUNING["num_stages"])
     # One program per row, reading its partial states a tile of block_s splits at a time.
-    block_s = min(triton.next_power_of_2(splits), max(1, TUNING["merge_tile"] // block_c))
-    wrap_triton(_info_nce_merge_kernel)[(n,)](
+    block_s = min(next_pow2(splits), max(1, TUNING["merge_tile"] // block_c))
+    merge_kernel[(n,)](
         q, k, m, lsum, acc, rows_loss, grad, mean, done, n, c, splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, 1.0 / (tau * n),
-        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_R=min(TUNING["mean_block"], max(16, triton.next_power_of_2(n))),
+        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_R=min(TUNING["mean_block"], max(16, next_pow2(n))),
         NEED_GRAD=need_grad, num_warps=4)
     return mean, grad
 
 
-def _launch_scale(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+def _launch_scale(grad: torch.Tensor, grad_loss: torch.Tensor, direct: bool = False) -> torch.Tensor:
     out = torch.empty_like(grad)
     if skip_launch(grad, grad_loss) or grad.numel() == 0:
         return out
     block = 4096
-    wrap_triton(_info_nce_scale_kernel)[(triton.cdiv(grad.numel(), block),)](
+    (_info_nce_scale_kernel if direct else wrap_triton(_info_nce_scale_kernel))[(cdiv(grad.numel(), block),)](
         grad_loss, grad, out, grad.numel(), BLOCK=block, num_warps=4)
     return out
 
@@ -287,6 +293,28 @@ if HAS_TRITON:
         return torch.ops.fastsynth.info_nce_scale(grad, grad_loss.float().contiguous()), None, None, None, None
 
     _info_nce_fused.register_autograd(_backward, setup_context=_setup)
+
+
+class _InfoNCEDirect(torch.autograd.Function):
+    """The eager path: the op's launches and backward without the registered op's dispatch
+    layers (see _dispatch.direct_launch_ok); the same kernels, so the same bits."""
+
+    @staticmethod
+    def forward(ctx, q, k, queue, tau, need_grad):
+        loss, grad = _launch(q, k, queue, tau, need_grad, direct=True)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # differentiating dL/dq again: an error, as the op's
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        grad_loss = grad_loss.float().contiguous()
+        if direct_launch_ok(grad, grad_loss):
+            scaled = _launch_scale(grad, grad_loss, direct=True)
+        else:  # a dispatch mode came up between forward and backward: let it see the op
+            scaled = torch.ops.fastsynth.info_nce_scale(grad, grad_loss)
+        return scaled, None, None, None, None
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, impl: str = "auto") -> torch.Tensor:
@@ -329,10 +357,15 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, 
         low = torch.get_autocast_dtype(dev)
         q, k = (t.to(low) if t.dtype == torch.float32 else t for t in (q, k))
     need_grad = q.requires_grad and torch.is_grad_enabled()
-    # One path for eager and compiled calls: on the H200 machine the registered op's eager call
-    # cost less host time than calling the launcher from a plain autograd.Function (0.83 vs
-    # 1.62 ms per fwd+bwd; bench/results/2026-11-26-h200-run2.json, case "host dispatch").
-    loss, _ = torch.ops.fastsynth.info_nce_fused(q, k.detach(), queue.detach(), float(tau), need_grad)
+    k, queue = k.detach(), queue.detach()
+    # Eager calls launch from a plain autograd.Function; compiled code traces the registered op.
+    # (The H200 run2 measured a plain Function at 1.62 ms per fwd+bwd against the op's 0.83:
+    # its launches went through wrap_triton, which outside a registered op dispatches through
+    # torch's higher-order op. Direct launches skip both; bench/gpu_bench.py's "host dispatch"
+    # case times the paths side by side.)
+    if direct_launch_ok(q, k, queue):
+        return _InfoNCEDirect.apply(q, k, queue, float(tau), need_grad)
+    loss, _ = torch.ops.fastsynth.info_nce_fused(q, k, queue, float(tau), need_grad)
     return loss
 
 

@@ -395,3 +395,20 @@ def test_tuned_overrides_and_restores_tuning():
         with tuned(mod, num_wraps=8):
             pass
     assert mod.TUNING == before
+
+
+def test_eager_calls_launch_directly_with_the_ops_results(kdev, monkeypatch):
+    """An eager call launches the kernel itself (no registered op's dispatch layers), with the
+    op's output bit for bit, the seed an int or a device tensor."""
+    calls = []
+    launch = mod._launch
+    monkeypatch.setattr(mod, "_launch", lambda *a, **kw: calls.append(kw.get("direct", False)) or launch(*a, **kw))
+    g = torch.Generator().manual_seed(8)
+    z, s, v = (t.to(kdev) for t in (torch.randn(6, 50, generator=g), torch.rand(6, 50, generator=g),
+                                    torch.rand(50, generator=g)))
+    out = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=12, impl="triton")
+    out_t = dual_noise(z, s, v, 0.5, 0.7, 0.5, seed=torch.tensor(12, device=kdev), impl="triton")
+    assert calls == [True, True]
+    assert torch.equal(out, torch.ops.fastsynth.dual_noise_fused(z, s, v, 0.5, 0.7, 0.5, 12))
+    assert torch.equal(out_t, out)
+    assert calls[2:] == [False]

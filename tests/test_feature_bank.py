@@ -261,3 +261,21 @@ def test_streamed_update_splits_the_batch_over_programs(kdev, per_sm, b):
             torch.testing.assert_close(bank.m2.cpu(), ((rows - rows.mean(dim=0)) ** 2).sum(dim=0),
                                        rtol=1e-8, atol=0)
             assert int(bank.done.abs().sum()) == 0
+
+
+def test_eager_updates_launch_directly_with_the_ops_state(kdev, monkeypatch):
+    """An eager update launches the kernel itself (no registered op's dispatch layers) and leaves
+    the state the registered op leaves."""
+    from fastsynth.kernels import feature_bank as fb
+    calls = []
+    launch = fb._launch
+    monkeypatch.setattr(fb, "_launch", lambda *a, **kw: calls.append(kw.get("direct", False)) or launch(*a, **kw))
+    a, b = _bank(20, 6, "triton", kdev), _bank(20, 6, "triton", kdev)
+    g = torch.Generator().manual_seed(9)
+    for n in (7, 9, 8):
+        z = (3 + torch.randn(n, 6, generator=g)).to(kdev)
+        a.update(z)
+        torch.ops.fastsynth.feature_bank_update(z, b.bank, b.count, b.mean, b.m2, b.var, b.done)
+    assert calls == [True, False] * 3
+    for name in ("bank", "count", "mean", "m2", "var"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -154,7 +154,7 @@ def test_autocast_runs_float32_q_in_the_autocast_dtype(kdev, monkeypatch):
     low = torch.bfloat16 if kdev.type == "cuda" else torch.float16
     q, key, queue = _inputs(13, 200, 32, torch.float32, seed=4, device=kdev)
     seen, launch = [], mod._launch
-    monkeypatch.setattr(mod, "_launch", lambda q, k, u, *a: seen.append((q.dtype, k.dtype, u.dtype)) or launch(q, k, u, *a))
+    monkeypatch.setattr(mod, "_launch", lambda q, k, u, *a, **kw: seen.append((q.dtype, k.dtype, u.dtype)) or launch(q, k, u, *a, **kw))
     qa = q.clone().requires_grad_(True)
     with torch.autocast(kdev.type, dtype=low):
         loss = info_nce(qa, key, queue, 0.2, impl="triton")
@@ -220,10 +220,38 @@ def test_backward_is_one_scaling_op(kdev):
     # create_graph=True) is autograd's error, not a silent zero.
     _, grad = torch.ops.fastsynth.info_nce_fused(q, key, queue, 0.2, True)
     assert not grad.requires_grad
+    # The eager path (a once-differentiable autograd.Function) gives the same error.
     qa = q.detach().float().requires_grad_(True)
     (g,) = torch.autograd.grad(info_nce(qa, key.float(), queue.float(), 0.2, impl="triton"), qa, create_graph=True)
     with pytest.raises(RuntimeError, match="does not require grad"):
         (g * g).sum().backward()
+
+
+def test_eager_calls_launch_directly_with_the_ops_results(kdev, monkeypatch):
+    """An eager call launches the kernels from a plain autograd.Function (no registered op's
+    dispatch layers) and gives the op's loss and gradient bit for bit; under a dispatch mode the
+    registered op runs, so modes (fake tensors, recorders) still see it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    calls = []
+    direct = mod._InfoNCEDirect.apply
+    monkeypatch.setattr(mod._InfoNCEDirect, "apply", lambda *a: calls.append(1) or direct(*a))
+    q, key, queue = _inputs(9, 70, 24, torch.float16, device=kdev)
+    qa, qb = (q.detach().clone().requires_grad_(True) for _ in range(2))
+    la = info_nce(qa, key, queue, 0.2, impl="triton")
+    la.backward()
+    assert calls == [1]
+    lb, _ = torch.ops.fastsynth.info_nce_fused(qb, key, queue, 0.2, True)
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(qa.grad, qb.grad)
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    seen = []
+    with Seen():
+        lc = info_nce(q, key, queue, 0.2, impl="triton")
+    assert calls == [1] and "info_nce_fused" in seen and torch.equal(lc, la)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -260,7 +288,7 @@ def test_auto_takes_the_reference_where_the_kernel_does_not_apply(monkeypatch):
         assert calls.pop() == expect
     launched = []
     launch = mod._launch
-    monkeypatch.setattr(mod, "_launch", lambda *a: launched.append(a[0].dtype) or launch(*a))
+    monkeypatch.setattr(mod, "_launch", lambda *a, **kw: launched.append(a[0].dtype) or launch(*a, **kw))
     if mod.INTERPRET or torch.cuda.is_available():
         q, key, queue = _inputs(3, 5, 8, torch.float16, device=KDEV)
         info_nce(q, key, queue, 0.2, impl="auto")
@@ -296,3 +324,16 @@ def test_bad_shapes_and_impl(kdev):
         info_nce(*big, 0.2, impl="triton")
     # auto on a CPU tensor is the reference: bitwise the same number
     assert info_nce(q, key, queue, 0.2, impl="auto") == info_nce_reference(q, key, queue, 0.2)
+
+
+def test_launch_arithmetic_matches_triton():
+    """The launchers' cdiv and next_pow2 (plain Python, no Triton wrapper on the host path) give
+    Triton's results, small and large."""
+    triton = pytest.importorskip("triton")
+    from fastsynth.kernels._dispatch import cdiv, next_pow2
+    values = list(range(1, 3000)) + [2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 40 + 3]
+    for n in values:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+    for x in values[:400] + values[-4:]:
+        for y in (1, 2, 3, 7, 64, 65, 4096):
+            assert cdiv(x, y) == triton.cdiv(x, y), (x, y)
