@@ -123,32 +123,33 @@ if HAS_TRITON:
         return x, valid
 
     @triton.jit
+    def _chunk_tile(part_ptr, slot, c0, chunks, D, cols, cmask, BLOCK_CH: tl.constexpr):
+        """Slot `slot` of chunks c0 .. c0 + BLOCK_CH (BLOCK_CH x BLOCK_D, 0 past the last chunk),
+        from L2 (.cg), where the other programs' stores are."""
+        ch = c0 + tl.arange(0, BLOCK_CH)
+        return tl.load(part_ptr + slot * chunks * D + ch[:, None] * D + cols[None, :],
+                       mask=(ch < chunks)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg")
+
+    @triton.jit
     def _combine(part_ptr, slot, chunks, D, cols, cmask, BLOCK_CH: tl.constexpr, BLOCK_D: tl.constexpr):
         """(count, mean, M2) of the union of `chunks` groups whose statistics lie at part_ptr's
         slots slot, slot + 1, slot + 2 (count, mean, M2; chunks x D each). The pooled mean first,
         then every group's M2 plus its count times its squared distance to it: two passes over
         the chunk tiles, no chain of pairwise merges (each a dependent load). Empty groups
-        (count 0) add nothing. Loads go to L2 (.cg), where the other programs' stores are."""
-        ch = tl.arange(0, BLOCK_CH)
+        (count 0) add nothing."""
         n = tl.zeros([BLOCK_D], tl.float64)
         s = tl.zeros([BLOCK_D], tl.float64)
         for c0 in range(0, chunks, BLOCK_CH):
-            off = (c0 + ch)[:, None] * D + cols[None, :]
-            m = ((c0 + ch) < chunks)[:, None] & cmask[None, :]
-            n_c = tl.load(part_ptr + slot * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
-            mean_c = tl.load(part_ptr + (slot + 1) * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
+            n_c = _chunk_tile(part_ptr, slot, c0, chunks, D, cols, cmask, BLOCK_CH)
             n += tl.sum(n_c, axis=0)
-            s += tl.sum(n_c * mean_c, axis=0)
+            s += tl.sum(n_c * _chunk_tile(part_ptr, slot + 1, c0, chunks, D, cols, cmask, BLOCK_CH), axis=0)
         mean = s / tl.maximum(n, 1.0)
         m2 = tl.zeros([BLOCK_D], tl.float64)
         for c0 in range(0, chunks, BLOCK_CH):
-            off = (c0 + ch)[:, None] * D + cols[None, :]
-            m = ((c0 + ch) < chunks)[:, None] & cmask[None, :]
-            n_c = tl.load(part_ptr + slot * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
-            mean_c = tl.load(part_ptr + (slot + 1) * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
-            m2_c = tl.load(part_ptr + (slot + 2) * chunks * D + off, mask=m, other=0.0, cache_modifier=".cg")
-            dm = mean_c - mean[None, :]
-            m2 += tl.sum(m2_c + n_c * dm * dm, axis=0)
+            n_c = _chunk_tile(part_ptr, slot, c0, chunks, D, cols, cmask, BLOCK_CH)
+            dm = _chunk_tile(part_ptr, slot + 1, c0, chunks, D, cols, cmask, BLOCK_CH) - mean[None, :]
+            m2 += tl.sum(_chunk_tile(part_ptr, slot + 2, c0, chunks, D, cols, cmask, BLOCK_CH) + n_c * dm * dm,
+                         axis=0)
         return n, mean, m2
 
     @triton.jit
