@@ -273,3 +273,57 @@ def test_warmup_targets_cover_every_image_each_in_a_full_batch(tmp_path):
     padded = torch.cat([cached[8:], cached[:2]]).float()
     torch.testing.assert_close(feats[8:], Centred()(padded)[:2], rtol=0, atol=2e-3)
     assert not torch.allclose(feats[8:], Centred()(cached[8:].float()), atol=1e-2)  # not the batch of 2
+
+
+@pytest.mark.parametrize("method", ["mocov2", "simsiam"])
+def test_gradcam_pass_moves_no_running_statistics(method):
+    """The Grad-CAM score pass runs the method's score_nets in train mode with their BatchNorm
+    statistics frozen (SimSiam's projector and predictor have BatchNorm; MoCo's head has none):
+    every running mean and variance of the model is the same after it, and the momenta are back."""
+    from fastsynth.models import frozen_bn_stats
+    torch.manual_seed(0)
+    cfg = Config(arch="resnet18", image_size=32, batch_size=4, queue_size=16, method=method, moco_dim=8,
+                 simsiam_dim=16, decoder_width=8, bank_size=8)
+    model = SynthSSL(cfg).train()
+    m = model.method
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    _, ctx = m.ssl_loss(x1, x2)
+    bns = [mod for net in m.score_nets for mod in net.modules() if isinstance(mod, torch.nn.BatchNorm1d)]
+    assert bool(bns) is (method == "simsiam")
+    # running_mean/var (what evaluation uses); num_batches_tracked counts every train-mode forward
+    # and is read only by BatchNorm without a momentum
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    s = model.synth.scores(m, torch.randn(4, m.feat_dim), ctx)
+    assert s.shape == (4, m.feat_dim) and torch.isfinite(s).all()
+    after = model.state_dict()
+    assert [k for k, v in before.items() if not torch.equal(after[k], v)] == []
+    assert all(b.momentum == 0.1 for b in bns)
+    if bns:  # and without the freeze the same pass would have moved them: the check has power
+        with torch.enable_grad():
+            m.score_loss(torch.randn(4, m.feat_dim).requires_grad_(True), ctx)
+        assert not torch.equal(bns[0].running_mean, before[next(k for k in before if "running_mean" in k
+                                                                and "head" in k)])
+    with frozen_bn_stats(*m.score_nets):
+        assert all(b.momentum == 0.0 for b in bns)
+
+
+def test_running_stats_follow_replaced_buffers():
+    """RunningStats keeps flat views of the BatchNorm buffers between steps; a buffer replaced
+    since (.to(), assignment) must be the one restored after a skipped step, not the old one."""
+    from fastsynth.guard import RunningStats
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.BatchNorm1d(5)).train()
+    stats = RunningStats(net)
+    stats.keep(torch.tensor(False), stats.save())           # builds the cached views
+    net.to(torch.float64)                                   # every buffer replaced, float64 now
+    net[2].running_var = torch.full((5,), 3.0, dtype=torch.float64)
+    live = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    saved = stats.save()
+    net(torch.randn(8, 3, dtype=torch.float64))             # a forward moves the statistics
+    assert not torch.equal(net[2].running_var, live["2.running_var"])
+    stats.keep(torch.tensor(False), saved)                  # a skipped step: put them back
+    for k, v in live.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    net(torch.randn(8, 3, dtype=torch.float64))
+    moved = net[1].running_mean.clone()
+    stats.keep(torch.tensor(True), stats.save())            # an applied step keeps what moved
+    assert torch.equal(net[1].running_mean, moved)

@@ -1,8 +1,9 @@
 """MoCo v2 (METHOD.md Eq. 1): query encoder f, g; momentum key encoder f_k, g_k; FIFO queue Q.
 
-Every method exposes the same four calls the training step uses:
+Every method exposes the same calls the training step uses:
   ssl_loss(x1, x2) -> (L_C, ctx)      Eq. 1, ctx carries what the other terms reuse
   score_loss(z, ctx) -> L             Eq. 3's loss as a function of z = f(x), through g only
+  score_nets                          the networks score_loss runs
   pair_loss(x_hat, x_tilde) -> L_Cp   Eq. 7
   after_step(ctx)                     state updates once the optimizer has stepped
 """
@@ -54,6 +55,11 @@ class MoCoV2(nn.Module):
         q = self.project(self.encoder(x1))
         k = self.keys(x2)
         return losses.info_nce(q, k, self.queue, self.tau, impl=self.kernel_impl), {"k": k}
+
+    @property
+    def score_nets(self) -> tuple[nn.Module, ...]:
+        """The networks score_loss runs (whose BatchNorm statistics the Grad-CAM pass freezes)."""
+        return (self.head,)
 
     def score_loss(self, z: torch.Tensor, ctx: dict) -> torch.Tensor:
         """Eq. 3: L = InfoNCE(norm(g(z)), k', Q) with k' the key of the same image's view."""

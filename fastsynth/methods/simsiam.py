@@ -33,6 +33,11 @@ class SimSiam(nn.Module):
         loss, z2 = self._pair(x1, x2)
         return loss, {"target": z2.detach()}
 
+    @property
+    def score_nets(self) -> tuple[nn.Module, ...]:
+        """The networks score_loss runs (whose BatchNorm statistics the Grad-CAM pass freezes)."""
+        return (self.head, self.predictor)
+
     def score_loss(self, z: torch.Tensor, ctx: dict) -> torch.Tensor:
         """Eq. 3, SimSiam variant: L = -cos(h(g(z)), sg(g(f(x2)))) with x2 a view of the same image."""
         p = self.predictor(self.head(z))

@@ -36,7 +36,7 @@ class SynthPairs(nn.Module):
         The leaf is float32 so that under float16 autocast the small, unscaled gradient
         (about 1 / (tau B)) does not underflow to an all-zero score row.
         """
-        with torch.enable_grad(), frozen_bn_stats(method):
+        with torch.enable_grad(), frozen_bn_stats(*method.score_nets):
             zl = z.detach().float().requires_grad_(True)
             (grad,) = torch.autograd.grad(method.score_loss(zl, ctx), zl)
         return losses.gradcam_scores(zl.detach(), grad, self.score)
