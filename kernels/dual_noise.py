@@ -397,8 +397,10 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
         if not counter_fits:
             raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
         args = (z.detach(), s.detach(), v_bar.detach(), float(sigma_g), float(sigma_v), float(lam), seed)
-        if direct_launch_ok(*args[:3], *((seed,) if device_seed else ())):  # eager: no op dispatch layers
-            return _launch(*args[:6], 0 if device_seed else seed, seed if device_seed else None, direct=True)
+        if direct_launch_ok(*args[:3], *([seed] if device_seed else [])):  # eager: no op dispatch layers
+            if device_seed:
+                return _launch(*args[:6], 0, seed, direct=True)
+            return _launch(*args, direct=True)
         if device_seed:
             return torch.ops.fastsynth.dual_noise_fused_device_seed(*args)
         return torch.ops.fastsynth.dual_noise_fused(*args)  # traced by torch.compile
