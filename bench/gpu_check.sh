@@ -8,7 +8,8 @@
 #   OUT=/some/dir bash bench/gpu_check.sh      # files go flat into $OUT (default ./gpu_out)
 #
 # Writes at most: env.json install.log tests.log tests.xml bench.json bench.log pytest_bench.json
-#   and, with PROFILE=1, profile_<impl>_<data>.json/.log (the full training step, issue 4)
+#   and, with PROFILE=1, profile_<impl>_<data>.json/.log (the full training step, issue 4), and
+#   with HOST_OVERHEAD=1, host_overhead.log
 #
 #   PROFILE=1 DEADLINE=540 bash bench/gpu_check.sh   # a 15-minute device session's one call:
 #     kernel tests, kernel timings, then the full step (reference, then fast: its first step
@@ -21,6 +22,7 @@
 #       F=$OUT; OUT=/tmp/g PROFILE=1 DEADLINE=540 bash bench/gpu_check.sh; tar czf $F/g.tgz -C /tmp/g .
 #   PROFILE=1 SKIP_KERNELS=1 DEADLINE=420 bash ...   # the full-step comparison only
 #   PROFILE_RUNS="impl data [flags];..."             # other full-step runs (see step e)
+#   HOST_OVERHEAD=1                                   # step f: host time of the eager calls (CPU only)
 # A profile run stopped by its timeout still leaves profile_*.json, marked "complete": false, with
 # the phase it reached and each finished warm-up step's seconds (fastsynth.profile.Progress).
 set -u
@@ -203,6 +205,14 @@ if [ "$PROFILE" = 1 ]; then
             >"$OUT/profile_${tag}.log" 2>&1 || profile_rc=$?
         tail -n 28 "$OUT/profile_${tag}.log"
     done
+fi
+
+if [ "${HOST_OVERHEAD:-0}" = 1 ]; then
+    # The eager kernel calls' and the glue's host time on this machine's CPU, no kernel running
+    # (bench/host_overhead.py): relates the development CPU's host-time figures to this host's.
+    step "f. host overhead -> $OUT/host_overhead.log"
+    timeout -k 5 "$(budget 60)" "$PY" bench/host_overhead.py >"$OUT/host_overhead.log" 2>&1
+    cat "$OUT/host_overhead.log"
 fi
 
 step "summary"

@@ -58,3 +58,15 @@ def test_sass_census_reads_the_launches_a_gpu_would_compile():
     assert set(r["memory_ops"]) == {"LDG.E.128", "STG.E.128"}
     assert 0 < r["loop_body"] < r["instructions"]
     assert r["loop_families"]["MUFU"] >= 64                  # Box-Muller: 16 elements a thread, 4 MUFU each
+
+
+def test_host_overhead_script_times_the_eager_calls():
+    """bench/host_overhead.py (run in its own process: it replaces the kernels with no-ops) times
+    the three public calls with positive figures, and refuses an unknown part."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "host_overhead.py")
+    proc = subprocess.run([sys.executable, script, "kernels"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("info_nce", "dual_noise", "FeatureBank"))]
+    assert len(rows) == 3 and all(float(r.split()[-1]) > 0 for r in rows), proc.stdout
+    bad = subprocess.run([sys.executable, script, "kernel"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part" in bad.stderr
