@@ -324,7 +324,7 @@ if HAS_TRITON:
         gen2 = _generator() == "philox2x32"  # checked before any early return
         one = _draws() == 1
         out = torch.empty((b, d), device=z.device, dtype=z.dtype)
-        if b == 0 or skip_launch(z, s, v_bar):
+        if b == 0 or (not direct and skip_launch(z, s, v_bar)):  # direct: real tensors only
             return out
         pairs = (d + 1) // 2
         half = max(1, min(next_pow2(pairs), MAX_SINGLE_BLOCK // 2))

@@ -271,7 +271,7 @@ if HAS_TRITON:
     def _launch(z, bank, count, mean, m2, var, done, direct: bool = False) -> None:
         """direct: launch the kernel itself (the eager path), not through wrap_triton."""
         b, d = z.shape
-        if b == 0 or skip_launch(z, bank):
+        if b == 0 or (not direct and skip_launch(z, bank)):  # direct: real tensors only
             return
         m = bank.shape[0]
         block_d, block_b = TUNING["block_d"], TUNING["block_b"]

@@ -226,7 +226,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, n
     mean = torch.empty((), device=dev, dtype=torch.float32)
     done = torch.empty((), device=dev, dtype=torch.int32)  # zeroed by the split kernel
     grad = torch.empty(n, c, device=dev, dtype=q.dtype) if need_grad else torch.empty(0, device=dev, dtype=q.dtype)
-    if skip_launch(q, k, queue):
+    if not direct and skip_launch(q, k, queue):  # direct: real tensors only (direct_launch_ok)
         return mean, grad
     scale = 1.4426950408889634 / tau  # log2(e) / tau
     # wrap_triton makes each launch a node torch.compile can trace; in eager it is the kernel.
@@ -250,7 +250,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float, n
 
 def _launch_scale(grad: torch.Tensor, grad_loss: torch.Tensor, direct: bool = False) -> torch.Tensor:
     out = torch.empty_like(grad)
-    if skip_launch(grad, grad_loss) or grad.numel() == 0:
+    if (not direct and skip_launch(grad, grad_loss)) or grad.numel() == 0:
         return out
     block = 4096
     (_info_nce_scale_kernel if direct else wrap_triton(_info_nce_scale_kernel))[(cdiv(grad.numel(), block),)](
