@@ -124,57 +124,51 @@ if HAS_TRITON:
         return c0, c1
 
     @triton.jit
-    def _normals(seed, counter, FAST: tl.constexpr, ROUNDS: tl.constexpr, GEN2: tl.constexpr):
-        """Four N(0, 1) draws, each divided by sqrt(2 ln 2), from one Philox call per counter.
+    def _box_muller(x, w, FAST: tl.constexpr):
+        """Two N(0, 1) draws, each divided by sqrt(2 ln 2), from x, w uniform in [1, 2).
 
-        Box-Muller on (u, w): radius sqrt(-log2 u) with u = 2 - [1, 2) in (0, 1] (finite log; the
-        largest radius is sqrt(23), a 5.6 sigma tail, or sqrt(16) with GEN2's 16-bit uniforms),
-        angle 2 pi (w - 1.5) centred on 0, where the GPU's approximate sin/cos (FAST) are most
-        accurate (abs. error about 1e-6); the interpreter has no approximate intrinsics and uses
-        the exact functions.
+        Radius sqrt(-log2 u) with u = 2 - x in (0, 1] (finite log; the largest radius is
+        sqrt(23), a 5.6 sigma tail, or sqrt(16) with 16-bit uniforms), angle 2 pi (w - 1.5)
+        centred on 0, where the GPU's approximate sin/cos (FAST) are most accurate (abs. error
+        about 1e-6); the interpreter has no approximate intrinsics and uses the exact functions.
         """
-        if GEN2:
-            r1, r2 = _philox2x32(seed, counter, ROUNDS)
-            x_a, w_a = _unit_intervals16(r1)
-            x_b, w_b = _unit_intervals16(r2)
-            u_a = 2.0 - x_a
-            u_b = 2.0 - x_b
-            th_a = w_a * 6.283185307179586 - 9.42477796076938
-            th_b = w_b * 6.283185307179586 - 9.42477796076938
-        else:
-            r1, r2, r3, r4 = tl.randint4x(seed, counter, ROUNDS)
-            u_a = 2.0 - _unit_interval(r1)
-            u_b = 2.0 - _unit_interval(r3)
-            th_a = _unit_interval(r2) * 6.283185307179586 - 9.42477796076938
-            th_b = _unit_interval(r4) * 6.283185307179586 - 9.42477796076938
+        u = 2.0 - x
+        th = w * 6.283185307179586 - 9.42477796076938
         if FAST:
             # The approximate log2's absolute error (about 2^-22 near 1) exceeds -log2(1 - 2^-23):
             # without the clamp, u just below 1 could give sqrt of a negative number, NaN.
-            rad_a = tl.sqrt(tl.maximum(-libdevice.fast_log2f(u_a), 0.0))
-            rad_b = tl.sqrt(tl.maximum(-libdevice.fast_log2f(u_b), 0.0))
-            return (rad_a * libdevice.fast_cosf(th_a), rad_a * libdevice.fast_sinf(th_a),
-                    rad_b * libdevice.fast_cosf(th_b), rad_b * libdevice.fast_sinf(th_b))
-        else:
-            rad_a = tl.sqrt(-tl.log2(u_a))
-            rad_b = tl.sqrt(-tl.log2(u_b))
-            return rad_a * tl.cos(th_a), rad_a * tl.sin(th_a), rad_b * tl.cos(th_b), rad_b * tl.sin(th_b)
-
-    @triton.jit
-    def _normal_pair(seed, counter, FAST: tl.constexpr, ROUNDS: tl.constexpr, GEN2: tl.constexpr):
-        """Two N(0, 1) draws, each divided by sqrt(2 ln 2), from one Box-Muller on two 23-bit
-        uniforms: Philox2x32's two words (GEN2) or Philox4x32's first two (see _normals)."""
-        if GEN2:
-            r1, r2 = _philox2x32(seed, counter, ROUNDS)
-        else:
-            r1, r2, _r3, _r4 = tl.randint4x(seed, counter, ROUNDS)
-        u = 2.0 - _unit_interval(r1)
-        th = _unit_interval(r2) * 6.283185307179586 - 9.42477796076938
-        if FAST:
-            rad = tl.sqrt(tl.maximum(-libdevice.fast_log2f(u), 0.0))  # the clamp: see _normals
+            rad = tl.sqrt(tl.maximum(-libdevice.fast_log2f(u), 0.0))
             return rad * libdevice.fast_cosf(th), rad * libdevice.fast_sinf(th)
         else:
             rad = tl.sqrt(-tl.log2(u))
             return rad * tl.cos(th), rad * tl.sin(th)
+
+    @triton.jit
+    def _normals(seed, counter, FAST: tl.constexpr, ROUNDS: tl.constexpr, GEN2: tl.constexpr):
+        """Four N(0, 1) draws, each divided by sqrt(2 ln 2), from one Philox call per counter:
+        two Box-Mullers on 23-bit uniforms (Philox4x32's four words), or on 16-bit ones (GEN2:
+        Philox2x32's two words, halved)."""
+        if GEN2:
+            r1, r2 = _philox2x32(seed, counter, ROUNDS)
+            x_a, w_a = _unit_intervals16(r1)
+            x_b, w_b = _unit_intervals16(r2)
+        else:
+            r1, r2, r3, r4 = tl.randint4x(seed, counter, ROUNDS)
+            x_a, w_a = _unit_interval(r1), _unit_interval(r2)
+            x_b, w_b = _unit_interval(r3), _unit_interval(r4)
+        n1a, n2a = _box_muller(x_a, w_a, FAST)
+        n1b, n2b = _box_muller(x_b, w_b, FAST)
+        return n1a, n2a, n1b, n2b
+
+    @triton.jit
+    def _normal_pair(seed, counter, FAST: tl.constexpr, ROUNDS: tl.constexpr, GEN2: tl.constexpr):
+        """Two N(0, 1) draws, each divided by sqrt(2 ln 2), from one Box-Muller on two 23-bit
+        uniforms: Philox2x32's two words (GEN2) or Philox4x32's first two."""
+        if GEN2:
+            r1, r2 = _philox2x32(seed, counter, ROUNDS)
+        else:
+            r1, r2, _r3, _r4 = tl.randint4x(seed, counter, ROUNDS)
+        return _box_muller(_unit_interval(r1), _unit_interval(r2), FAST)
 
     @triton.jit
     def _joint_scale(g, v):
