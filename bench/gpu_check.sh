@@ -35,7 +35,7 @@ T_ENV=20 T_INSTALL=45 T_TESTS=180 T_BENCH=240 T_PBENCH=60
 export PYTHONUNBUFFERED=1
 # Overridable for a focused rerun: which tests, which benchmark cases, whether the short
 # pytest-benchmark pass runs.
-GPU_TESTS="${GPU_TESTS:-tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py tests/test_methods.py::test_step_with_triton_kernels_matches_reference tests/test_methods.py::test_full_step_with_triton_kernels_and_no_noise_matches_reference tests/test_graphstep.py}"
+GPU_TESTS="${GPU_TESTS:-tests/test_syncwatch.py tests/test_info_nce.py tests/test_dual_noise.py tests/test_feature_bank.py tests/test_methods.py::test_step_with_triton_kernels_matches_reference tests/test_methods.py::test_full_step_with_triton_kernels_and_no_noise_matches_reference tests/test_graphstep.py}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 SKIP_KERNELS="${SKIP_KERNELS:-0}"   # 1: skip steps b-d (kernel tests and timings)
 PROFILE="${PROFILE:-0}"             # 1: step e, the full step of both paths (ResNet-50, 224 px, batch 128)

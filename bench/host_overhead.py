@@ -4,11 +4,15 @@ any kernel running: a CPU measure of what the GPU waits for when the host falls 
     python bench/host_overhead.py            # kernels' public calls, then the step's glue
     python bench/host_overhead.py kernels    # info_nce fwd+bwd, dual_noise, FeatureBank
     python bench/host_overhead.py glue       # RunningStats save/keep, the Grad-CAM pass's BN freeze
+    python bench/host_overhead.py gc         # a full garbage collection, before and after the freeze
+                                             # of --gc-every (not in the default list: it compiles)
 
 kernels: CPU tensors at the paper's sizes under TRITON_INTERPRET=1, with every Triton launch
 replaced by a no-op (each module's kernels and its wrap_triton), so what is timed is the Python
 and dispatch path from the public function to the launch. glue: the paper model (two ResNet-50s,
-heads, decoder) on the CPU; RunningStats' figures include the CPU's own small copies.
+heads, decoder) on the CPU; RunningStats' figures include the CPU's own small copies. gc: one
+step of the quick preset's model, compiled (about 2 minutes here), then gc.collect() timed
+before and after fastsynth.gcpolicy.StepGC's freeze.
 Medians of 5 repetitions; one thread. Host speed differs between machines: compare commits on
 one machine, never against a GPU host's figures.
 """
@@ -87,16 +91,53 @@ def glue() -> dict:
             "frozen_bn_stats(score_nets) enter + exit": median_us(freeze, 50)}
 
 
+def gc_pause() -> dict:
+    import gc
+
+    from fastsynth.config import from_args
+    from fastsynth.engine import ssl_step
+    from fastsynth.gcpolicy import StepGC
+    from fastsynth.guard import finite_step
+    from fastsynth.profile import build, random_batch
+    cfg = from_args(["--preset", "quick", "--image-size", "32", "--batch-size", "4", "--impl", "fast", "--compile",
+                     "--device", "cpu"])
+    model, _, opt, dec_opt, autocast, scaler = build(cfg, torch.device("cpu"))
+    batch = random_batch(cfg, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(seed):
+        ssl_step(model, model, opt, dec_opt, scaler, autocast, batch, seed, lambda loss: finite_step(loss, params))
+
+    def collect_after_steps(seed):  # a step, then one full collection timed: median of 3
+        times = []
+        for i in range(3):
+            step(seed + i)
+            t = time.perf_counter()
+            gc.collect()
+            times.append((time.perf_counter() - t) * 1e6)
+        return statistics.median(times)
+    step(0)  # compiles
+    out = {f"gc.collect() after a step, {len(gc.get_objects())} objects tracked": collect_after_steps(1)}
+    with StepGC(1) as g:
+        step(4)
+        g.step(1)  # the first step of the block: collect, then freeze
+        out[f"the same after StepGC's freeze ({g.frozen} frozen)"] = collect_after_steps(5)
+    return out
+
+
+PARTS = {"kernels": kernels, "glue": glue, "gc": gc_pause}
+
+
 def main(argv=None) -> int:
     parts = (argv if argv is not None else sys.argv[1:]) or ["kernels", "glue"]
-    unknown = set(parts) - {"kernels", "glue"}
+    unknown = set(parts) - set(PARTS)
     if unknown:
-        print(f"unknown part(s) {', '.join(sorted(unknown))}: choose kernels, glue", file=sys.stderr)
+        print(f"unknown part(s) {', '.join(sorted(unknown))}: choose {', '.join(PARTS)}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, host CPU, one thread; medians in us")
     for part in parts:
-        for name, us in (kernels() if part == "kernels" else glue()).items():
+        for name, us in PARTS[part]().items():
             print(f"{name:<58}{us:>10.0f}")
     return 0
 

@@ -375,11 +375,15 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
         gc_steps.step(step_no)  # as training's loop does with --gc-every
 
     with StepGC(cfg.gc_every) as gc_steps:  # every step this runs, as training would run it
+        alloc_before = _allocator_counts(device)
         wall, step_s, stage_s, peak_mem, mem_kind, warm_s, gc_pauses = _time_steps(
             one_step, clock, device, steps, warmup, plan.impl, progress)
+        allocator = _allocator_delta(alloc_before, _allocator_counts(device), steps)
         images_per_s = cfg.batch_size * steps / wall
         progress.update("host enqueue time", images_per_s=images_per_s, step_s=step_s)
         host_s = _host_enqueue_s(one_step, device, min(steps, 3))
+        progress.update("host syncs of one step")
+        syncs = _host_syncs(one_step, device)
         summary = None
         if trace:
             progress.update("trace")
@@ -402,6 +406,13 @@ def _profile(cfg, plan, device, name, steps, warmup, data, trace, progress: Prog
         # Python's garbage collections during the timed steps (fastsynth.gcpolicy): host pauses
         # that become GPU idle time where the host is not ahead of the GPU.
         "gc_every": cfg.gc_every, **gc_pauses,
+        # Synchronising calls of one more step (torch's sync debug mode, fastsynth.syncwatch):
+        # each empties the launch queue. None on a CPU.
+        "host_syncs": syncs,
+        # The caching allocator's cudaMalloc/cudaFree calls per timed step (a cudaFree waits for
+        # the device) and its retries after a failed allocation; None on a CPU. A warm step
+        # should reuse its blocks: nonzero means allocator churn inside the timed steps.
+        "allocator_per_step": allocator,
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
         "flops_per_step": flops, "tflops_per_s": flops / mean / 1e12,
         "bf16_peak_tflops": peak / 1e12 if peak else None, "mfu": flops / mean / peak if peak else None,
@@ -429,6 +440,34 @@ def _host_enqueue_s(one_step, device: torch.device, n: int) -> list[float]:
     if cuda:
         torch.cuda.synchronize(device)
     return out
+
+
+def _host_syncs(one_step, device: torch.device) -> dict | None:
+    """{"count": syncs in one step, "sites": [[file:line function, count], ...]}; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    from fastsynth.syncwatch import SyncWatch
+    torch.cuda.synchronize(device)
+    with SyncWatch(device) as watch:
+        one_step()
+    torch.cuda.synchronize(device)
+    return {"count": watch.count, "sites": [list(site) for site in watch.sites]}
+
+
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def _allocator_counts(device: torch.device) -> dict | None:
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return {k: stats.get(k, 0) for k in ALLOCATOR_COUNTS}
+
+
+def _allocator_delta(before: dict | None, after: dict | None, steps: int) -> dict | None:
+    if before is None or after is None:
+        return None
+    return {k.removeprefix("num_"): (after[k] - before[k]) / steps for k in ALLOCATOR_COUNTS}
 
 
 def _time_steps(one_step, clock: StageClock, device: torch.device, steps: int, warmup: int, impl: str,
@@ -499,6 +538,17 @@ def _trace(path: str, one_step, n: int, device: torch.device) -> dict:
     return trace_summary.from_profiler(prof, set(STAGES), n)
 
 
+def _sync_lines(r: dict) -> list[str]:
+    syncs, alloc = r.get("host_syncs"), r.get("allocator_per_step")
+    if syncs is None:
+        return []
+    where = "; ".join(f"{site} x{n}" for site, n in syncs["sites"][:3])
+    lines = [f"host syncs in one step {syncs['count']}" + (f" ({where})" if where else "")]
+    if alloc is not None:
+        lines.append("allocator per step: " + ", ".join(f"{k} {v:g}" for k, v in alloc.items()))
+    return lines
+
+
 def format_table(r: dict) -> str:
     mfu = f"{r['mfu'] * 100:.1f} %" if r["mfu"] is not None else f"n/a ({r['device_name']}: no bf16 peak known)"
     lines = [f"{r['plan_text']}; data {r['data']}; {r['device_name']}",
@@ -519,6 +569,7 @@ def format_table(r: dict) -> str:
               (f"host enqueue ms/step {r['host_enqueue_ms']:.2f} (a step started on an idle GPU, "
                + ("its data wait included; near the step time: launch-bound)" if not r.get("step_syncs_host")
                   else "but this path syncs the host once per step: not a launch measure)")),
+              *_sync_lines(r),
               (f"FLOPs/step {r['flops_per_step'] / 1e9:.2f} G   achieved {r['tflops_per_s']:.3f} TFLOP/s   "
                f"MFU vs bf16 peak {mfu}")]
     if r["trace"]:

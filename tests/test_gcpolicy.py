@@ -12,11 +12,20 @@ class _SpyGC(types.SimpleNamespace):
     """The gc module as gcpolicy sees it, with collect() calls recorded (and still made)."""
 
     def __init__(self):
-        super().__init__(calls=[], isenabled=gc.isenabled, disable=gc.disable, enable=gc.enable)
+        super().__init__(calls=[], isenabled=gc.isenabled, disable=gc.disable, enable=gc.enable,
+                         get_freeze_count=gc.get_freeze_count)
 
     def collect(self, generation=2):
         self.calls.append(generation)
         return gc.collect(generation)
+
+    def freeze(self):
+        self.calls.append("freeze")
+        gc.freeze()
+
+    def unfreeze(self):
+        self.calls.append("unfreeze")
+        gc.unfreeze()
 
 
 @pytest.fixture
@@ -34,7 +43,7 @@ def test_every_zero_leaves_python_alone(spy):
         for n in range(1, 10):
             g.step(n)
         g.full()
-    assert spy.calls == []
+    assert spy.calls == [] and gc.get_freeze_count() == 0
 
 
 def test_every_n_collects_young_generations_at_known_steps(spy):
@@ -42,10 +51,35 @@ def test_every_n_collects_young_generations_at_known_steps(spy):
         assert not gc.isenabled()
         for n in range(1, 8):
             g.step(n)
-        assert spy.calls == [1, 1]  # after steps 3 and 6
+        # After the first step everything is collected, then frozen; young ones after steps 3 and 6.
+        assert spy.calls == [2, "freeze", 1, 1]
         g.full()
-        assert spy.calls == [1, 1, 2]
-    assert spy.calls == [1, 1, 2, 2]  # everything once more on the way out
+        assert spy.calls == [2, "freeze", 1, 1, 2]
+    assert spy.calls == [2, "freeze", 1, 1, 2, "unfreeze", 2]  # everything once more on the way out
+    assert gc.get_freeze_count() == 0
+
+
+def test_frozen_objects_are_skipped_and_later_garbage_still_collected():
+    """What exists after the first step is frozen: a full collection leaves it alone (and is
+    cheaper for it); cyclic garbage made afterwards is still collected; the end unfreezes."""
+    import weakref
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    with gcpolicy.StepGC(5) as g:
+        early = cycle()  # unreachable, uncollected (the collector is off): not to be frozen
+        g.step(1)  # the full collection before the freeze takes it
+        assert early() is None and g.frozen == gc.get_freeze_count() > 0
+        later = cycle()
+        g.full()
+        assert later() is None  # made after the freeze: collected as before
+    assert gc.get_freeze_count() == 0
 
 
 def test_collector_back_on_after_an_error(spy):
@@ -82,4 +116,6 @@ def test_training_runs_its_steps_with_the_collector_off(tmp_path, spy, monkeypat
     assert train.main(args) == 0
     assert seen == [False] * 6
     young = [g for g in spy.calls if g == 1]
-    assert len(young) == 3 and spy.calls.count(2) == 3, spy.calls
+    # One full collection more than before: after the first step, before the freeze.
+    assert len(young) == 3 and spy.calls.count(2) == 4 and spy.calls.count("freeze") == 1, spy.calls
+    assert spy.calls[:2] == [2, "freeze"] and spy.calls[-2:] == ["unfreeze", 2]

@@ -67,6 +67,7 @@ def test_figures_exist_and_add_up(runs, impl):
     assert r["mfu"] is None and r["bf16_peak_tflops"] is None  # no bf16 peak for a CPU
     assert r["peak_memory_bytes"] > 0 and r["versions"]["torch"] and r["device_name"].startswith("cpu")
     assert r["host_enqueue_ms"] > 0  # on a CPU the ops are synchronous: about a step
+    assert r["host_syncs"] is None and r["allocator_per_step"] is None  # CUDA-only figures
     # The timed steps' garbage collections: with --gc-every 1 exactly one young collection after
     # each of the 2 timed steps and nothing automatic; otherwise whatever Python's thresholds did.
     assert r["gc_every"] == (1 if impl == "fast" else 0) and r["gc_ms_per_step"] >= 0
@@ -191,6 +192,24 @@ def test_a_failing_step_is_in_the_record(tmp_path, monkeypatch):
         r = json.load(fh)
     assert r["complete"] is False and r["error"] == "RuntimeError: boom in the step"
     assert r["phase"] == "warm-up step 1 of 1" and r["warmup_step_s"] == [] and "stopped_by" not in r
+
+
+def test_sync_and_allocator_figures_read_back():
+    """The CUDA-only lines: syncs with their three most frequent sites, the allocator's calls per
+    step from two snapshots of its counters."""
+    before = dict.fromkeys(profile.ALLOCATOR_COUNTS, 0)
+    after = {**before, "num_device_alloc": 6, "num_device_free": 3}
+    per_step = profile._allocator_delta(before, after, steps=3)
+    assert per_step == {"device_alloc": 2.0, "device_free": 1.0, "alloc_retries": 0.0, "sync_all_streams": 0.0}
+    assert profile._allocator_delta(None, None, 3) is None
+    r = {"host_syncs": {"count": 5, "sites": [["fastsynth/guard.py:99 finite_step", 4], ["a.py:1 f", 1]]},
+         "allocator_per_step": per_step}
+    assert profile._sync_lines(r) == [
+        "host syncs in one step 5 (fastsynth/guard.py:99 finite_step x4; a.py:1 f x1)",
+        "allocator per step: device_alloc 2, device_free 1, alloc_retries 0, sync_all_streams 0"]
+    assert profile._sync_lines({"host_syncs": {"count": 0, "sites": []}, "allocator_per_step": None}) == [
+        "host syncs in one step 0"]
+    assert profile._sync_lines({"host_syncs": None}) == []
 
 
 def test_bf16_peak_table():
