@@ -8,6 +8,8 @@ discriminative content and changes the rest.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._dispatch import (HAS_TRITON, INTERPRET, direct_launch_ok, next_pow2, num_sms, resolve_impl, skip_launch, tl,
@@ -48,14 +50,16 @@ def minmax(x: torch.Tensor, dim: int = -1, scale: float = 1.0) -> torch.Tensor:
 
     A constant score row carries no information about which dims matter, so every dim is
     treated as non-discriminative (s_hat = 0, the full noise), the conservative reading.
-    A span below the smallest normal float, or one so small that scale / span overflows
-    float32, counts as constant too: the kernel multiplies by sigma / span (scale = sigma).
+    A span below the smallest normal float, or one so small that scale / span exceeds half the
+    largest float32, counts as constant too: the kernel multiplies by sigma / span (scale =
+    sigma, >= 0) and then by its Box-Muller constant (about 1.18), which the half leaves room for.
+    Both make the same float32 test on the same quotient, so they agree on which rows are constant.
     """
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
     span = hi - lo
     safe = torch.where(span >= torch.finfo(torch.float32).tiny, span, torch.ones_like(span))
-    ok = (span >= torch.finfo(torch.float32).tiny) & torch.isfinite(scale / safe.float())
+    ok = (span >= torch.finfo(torch.float32).tiny) & (scale / safe.float() <= torch.finfo(torch.float32).max / 2)
     return torch.where(ok, (x - lo) / safe, torch.zeros_like(x))
 
 
@@ -212,16 +216,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _gain(lo, hi, sigma):
-        """(gain, floor) with sigma (1 - minmax(x)) = (hi - x) * gain + floor: exactly 0 at the
-        maximum (the reference's (hi - lo) / (hi - lo) is exactly 1), and a constant slice's
-        minmax = 0 (the full sigma, as minmax() does) without a division by zero. A span below
-        the smallest normal float, or one for which sigma / span overflows, is constant too
-        (minmax(scale=sigma) agrees): never an infinite gain times a zero difference."""
+        """(gain, floor) with c sigma (1 - minmax(x)) = (hi - x) * gain + floor, c = sqrt(2 ln 2)
+        (see _normals): exactly 0 at the maximum (the reference's (hi - lo) / (hi - lo) is
+        exactly 1), and a constant slice's minmax = 0 (the full sigma, as minmax() does) without
+        a division by zero. A span below the smallest normal float, or one for which sigma / span
+        exceeds half the largest float, is constant too: the same test minmax(scale=sigma) makes
+        on the same quotient, taken before c scales it (which the half leaves room for), so
+        never an infinite gain times a zero difference. sigma >= 0 (dual_noise checks)."""
         span = hi - lo
         normal = span >= 1.1754943508222875e-38
         gain = sigma / tl.where(normal, span, 1.0)
-        ok = normal & (gain <= 3.4028234663852886e38)
-        return tl.where(ok, gain, 0.0), tl.where(ok, 0.0, sigma)
+        ok = normal & (gain <= 1.7014117331926443e38)
+        return tl.where(ok, gain, 0.0) * _SQRT_2_LN2, tl.where(ok, 0.0, sigma) * _SQRT_2_LN2
 
     @triton.jit
     def _perturb(z_ptr, out_ptr, row, a, P, ma, mb, stride_zb, stride_zd, stride_ob,
@@ -267,8 +273,8 @@ if HAS_TRITON:
             seed = tl.load(seed_ptr)
         # Python floats arrive as fp64 from inductor-generated launches: compute in fp32 as the
         # reference does (v_bar.float() < lam compares in float32).
-        sigma_g = tl.cast(sigma_g, tl.float32) * _SQRT_2_LN2      # see _normals
-        sigma_v = tl.cast(sigma_v, tl.float32) * _SQRT_2_LN2
+        sigma_g = tl.cast(sigma_g, tl.float32)  # _gain folds in _normals' constant
+        sigma_v = tl.cast(sigma_v, tl.float32)
         lam = tl.cast(lam, tl.float32)
         j = tl.arange(0, HALF)
 
@@ -370,6 +376,11 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
     Its value is not range-checked on the device (that would be a host sync).
     """
     _check(z, s, v_bar)
+    for name, value in (("sigma_g", sigma_g), ("sigma_v", sigma_v)):
+        if not 0 <= value < math.inf:  # a standard deviation (NaN fails too)
+            raise ValueError(f"dual_noise: {name} must be >= 0 and finite, got {value}")
+    if math.isnan(lam):
+        raise ValueError("dual_noise: lam is NaN")
     device_seed = isinstance(seed, torch.Tensor)
     if device_seed:
         if seed.shape != () or seed.dtype != torch.int64 or seed.device != z.device:

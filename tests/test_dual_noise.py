@@ -171,25 +171,52 @@ def test_degenerate_rows_do_not_nan(impl, kdev, poison):
 @pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")
 def test_tiny_score_span_counts_as_constant(impl, kdev, poison):
     """A score row whose spread is below the smallest normal float, or so small that sigma_g /
-    spread overflows float32, is constant for Eq. 4 in both impls (full noise on every dim): the
-    kernel's gain would be inf, and inf times a zero difference NaN."""
+    spread exceeds half the largest float32, is constant for Eq. 4 in both impls (full noise on
+    every dim): the kernel's gain, which it also multiplies by its Box-Muller constant (1.18),
+    would be inf, and inf times a zero difference NaN. Both impls test the same quotient, so
+    rows just either side of the line go the same way (the kernel once tested the quotient
+    after that constant and the reference before it: spans near 3e-38 differed)."""
     dev = _dev(impl, kdev)
-    z = torch.randn(4, 70, device=dev)
-    s = torch.zeros(4, 70, device=dev)
+    z = torch.randn(7, 70, device=dev)
+    s = torch.zeros(7, 70, device=dev)
     s[1, 0] = 1e-40                      # subnormal span
     s[2, :35] = 2e-38                    # normal span, but 10 / span is beyond float32
-    s[3, :35] = 2e-37                    # 10 / span fits: an ordinary row
+    s[3, :35] = 3.2e-38                  # 10 / span = 3.1e38: a float, but times 1.18 it is not
+    s[4, :35] = 4.5e-38                  # 10 / span = 2.2e38: times 1.18 still a float, yet above the line
+    s[5, :35] = 6.5e-38                  # 10 / span = 1.5e38: below half the largest, an ordinary row
+    s[6, :35] = 2e-37                    # 10 / span fits easily: an ordinary row
     v = torch.rand(70, device=dev)
     out = dual_noise(z, s, v, 10.0, 1.0, 0.5, seed=3, impl=impl)
     assert torch.isfinite(out).all()
     zero = torch.zeros(1, 70, device=dev)
-    assert torch.equal(minmax(s[1:2], scale=10.0), zero) and torch.equal(minmax(s[2:3], scale=10.0), zero)
-    assert torch.equal(minmax(s[3:4], scale=10.0), (s[3:4] > 0).float())
-    # Same seed, rows made constant: rows 1 and 2 get exactly the same noise (the same gains);
-    # row 3 does not (its high-score half is spared).
+    for r in (1, 2, 3, 4):
+        assert torch.equal(minmax(s[r:r + 1], scale=10.0), zero), r
+    for r in (5, 6):
+        assert torch.equal(minmax(s[r:r + 1], scale=10.0), (s[r:r + 1] > 0).float()), r
+    # Same seed, rows made constant: rows 1-4 get exactly the same noise (the same gains);
+    # rows 5 and 6 do not (their high-score half is spared).
     flat = torch.zeros_like(s)
     same = dual_noise(z, flat, v, 10.0, 1.0, 0.5, seed=3, impl=impl)
-    assert torch.equal(out[1:3], same[1:3]) and not torch.equal(out[3], same[3])
+    assert torch.equal(out[1:5], same[1:5])
+    for r in (5, 6):
+        assert not torch.equal(out[r], same[r]), r
+        # eps_g spares the top-scored half exactly; only eps_v (v_bar < lam columns) moves it.
+        spared = (v[:35] >= 0.5)
+        assert torch.equal(out[r, :35][spared], z[r, :35][spared]), r
+
+
+def test_noise_scales_must_be_standard_deviations(impl, kdev):
+    """sigma_g, sigma_v >= 0 and finite, lam not NaN, on both impls (a negative sigma gave the
+    kernel an inf gain: inf and NaN outputs where the reference gave finite noise)."""
+    dev = _dev(impl, kdev)
+    z = torch.zeros(2, 8, device=dev)
+    v = torch.ones(8, device=dev)
+    for sg, sv in ((-1.0, 1.0), (1.0, -0.5), (float("nan"), 1.0), (1.0, float("inf"))):
+        with pytest.raises(ValueError, match="must be >= 0 and finite"):
+            dual_noise(z, z, v, sg, sv, 0.5, seed=0, impl=impl)
+    with pytest.raises(ValueError, match="lam is NaN"):
+        dual_noise(z, z, v, 1.0, 1.0, float("nan"), seed=0, impl=impl)
+    assert torch.equal(dual_noise(z, z, v, 0.0, 0.0, 0.5, seed=0, impl=impl), z)  # zero noise: allowed
 
 
 def test_seed_outside_the_philox_key_range_is_an_error(impl, kdev):
