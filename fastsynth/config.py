@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -59,7 +60,8 @@ HELP = {
     "epochs": "SSL epochs",
     "lr": "SGD learning rate per 256 images (scaled by batch_size / 256); default 0.06 MoCo v2, 0.05 SimSiam",
     "warmup_epochs": "decoder warm-up epochs (frozen encoder, MSE, Adam)",
-    "max_steps": "stop each training stage after this many steps (smoke runs)",
+    "max_steps": "stop each training stage after this many steps (smoke runs; the learning-rate schedule still "
+                 "spans --epochs, so a resume with a larger value goes on with the same schedule)",
     "stage": "all = warm-up, SSL, evaluation; or one stage alone",
     "resume_from": "checkpoint a lone stage starts from: warmup.pt for --stage ssl, last.pt for --stage eval",
     "impl": "reference: eager float32 PyTorch ops, torchvision loader; fast: Triton kernels (InfoNCE, dual noise, "
@@ -193,7 +195,8 @@ class Config:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name in ("image_size", "epochs", "batch_size", "queue_size", "bank_size", "moco_dim"):
+        for name in ("image_size", "epochs", "batch_size", "queue_size", "bank_size", "moco_dim", "simsiam_dim",
+                     "decoder_width"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -202,10 +205,18 @@ class Config:
             raise ConfigError(f"--max-steps must be positive, got {self.max_steps}")
         if not 0 <= self.moco_momentum < 1:
             raise ConfigError(f"--moco-momentum must be in [0, 1), got {self.moco_momentum}")
-        if self.tau <= 0:
-            raise ConfigError(f"--tau must be positive, got {self.tau}")
-        if min(self.sigma_g, self.sigma_v, self.alpha, self.nu) < 0:
-            raise ConfigError("--sigma-g, --sigma-v, --alpha and --nu must be >= 0")
+        # Written as "not (ok)": NaN fails every comparison, so `x <= 0` let --tau nan through.
+        for name, low, inclusive in (("tau", 0, False), ("sigma_g", 0, True), ("sigma_v", 0, True),
+                                     ("alpha", 0, True), ("nu", 0, True), ("lr", 0, True), ("decoder_lr", 0, True),
+                                     ("weight_decay", 0, True), ("dist_timeout", 0, False)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {'>=' if inclusive else '>'} {low} and finite, "
+                                  f"got {value}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.probe_lr is not None and not (math.isfinite(self.probe_lr) and self.probe_lr > 0):
+            raise ConfigError(f"--probe-lr must be > 0 and finite, got {self.probe_lr}")
         if self.image_size % 8 or self.image_size < 16:
             raise ConfigError(f"--image-size must be a multiple of 8 and at least 16 (decoder upsampling), "
                               f"got {self.image_size}")
@@ -216,8 +227,6 @@ class Config:
                               "(use --bn sync or --bn local)")
         if not 0 <= self.seed < 2 ** 32:  # NumPy's seed range; noise seeds derive from it
             raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
-        if self.dist_timeout <= 0:
-            raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.method == "mocov2" and self.queue_size < self.batch_size:
             raise ConfigError(f"--queue-size {self.queue_size} is smaller than --batch-size {self.batch_size}: "
                               "each step enqueues a whole batch of keys")
@@ -230,9 +239,6 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
-        for name in ("lr", "decoder_lr", "weight_decay", "momentum"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         self.fractions()
         return self
 

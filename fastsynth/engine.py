@@ -23,7 +23,7 @@ from fastsynth.data.transforms import SSLViews, plain
 from fastsynth.figures import save_triplets
 from fastsynth.gcpolicy import StepGC
 from fastsynth.graphstep import GraphedStep
-from fastsynth.guard import BadSteps, StopRequest, finite_flag, finite_step
+from fastsynth.guard import BadSteps, RunningStats, RunTracker, StopRequest, finite_flag, finite_step
 from fastsynth.model import SynthSSL
 from fastsynth.models import frozen_bn_stats
 from fastsynth.progress import tqdm
@@ -161,6 +161,7 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         print(f"continuing the decoder warm-up at epoch {start_epoch + 1}, step {step}")
     decoder.train()
+    bn_stats = RunningStats(decoder)
 
     def save(epoch: int, batch: int, epoch_gen_state: torch.Tensor, complete: bool) -> None:
         if not run.active:
@@ -180,13 +181,16 @@ def warmup_decoder(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, de
                 return {"stopped": True, "warmup_steps": step}
             idx = perm[i * bs:(i + 1) * bs][rank * local_bs:(rank + 1) * local_bs]
             z, x = feats[idx].to(device), images[idx].to(device).float()
+            saved_stats = bn_stats.save()
             loss = F.mse_loss(step_decoder(z), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if bad.check(_finite_everywhere(loss, params), "warm-up", step):
+            applied = bad.check(_finite_everywhere(loss, params), "warm-up", step)
+            if applied:
                 opt.step()
                 total += loss.detach()
                 done += 1
+            bn_stats.keep(applied, saved_stats)  # a skipped step leaves no NaN in the running statistics
             step += 1
             if cfg.max_steps and step >= cfg.max_steps:
                 break
@@ -289,9 +293,10 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     # running statistics are per rank unless --bn sync (rank 0's are saved).
     step_model = dist.ddp(model, device) if world > 1 else model
     autocast, scaler = precision(cfg, device)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    # The cosine schedule spans --epochs; --max-steps only ends the run early (a budget that a
+    # resume may raise, continuing the same schedule).
+    schedule_steps = cfg.epochs * steps_per_epoch
+    total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
     step, start_epoch, skip, epoch_means = 0, 0, 0, {}
     bad = BadSteps(cfg.max_bad_steps)
     train_set = train_fingerprint(splits.train)
@@ -333,6 +338,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     # Fused optimizers (CUDA) skip a non-finite step on the device; the count of skipped steps is
     # read back every --log-every steps. Otherwise every step is checked on the host.
     deferred = checks_on_device(plan, scaler)
+    runs = RunTracker(bad.in_a_row, device) if deferred else None  # bad steps in a row, on the device
 
     def finite(loss):
         if deferred:
@@ -348,7 +354,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     def checkpoint(epoch: int, batch: int) -> None:
         nonlocal window
         if deferred and window:  # the device-side skip flags not yet read: counted before saving
-            bad.check_window(int(bad_window), window, "SSL", step)
+            bad.check_window(int(bad_window), window, "SSL", step, *runs.read())
             bad_window.zero_()
             window = 0
         partial = None
@@ -390,7 +396,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                     t_epoch = t_log = time.perf_counter()  # the count's own step is not training time
                     if device.type == "cuda":  # nor is its memory: the logged peak is the training step's
                         torch.cuda.reset_peak_memory_stats(device)
-                _cosine(opt, base_lr, step, total_steps)
+                _cosine(opt, base_lr, step, schedule_steps)
                 seed = noise_seed(cfg.seed, step, rank, world)
                 if stepper is not None:
                     good, loss, parts, ctx, out = stepper((x1, x2, x), seed)
@@ -404,12 +410,14 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 images += x1.shape[0]
                 steps_done += 1
                 bad_window += 1 - w
+                if deferred:
+                    runs.step(good)
                 window += 1
                 step += 1
                 gc_steps.step(step)
                 read = i + 1
                 if deferred and (step % cfg.log_every == 0 or i + 1 == steps_per_epoch or step >= total_steps):
-                    bad.check_window(int(bad_window), window, "SSL", step)
+                    bad.check_window(int(bad_window), window, "SSL", step, *runs.read())
                     bad_window.zero_()
                     window = 0
                 if out is not None and out["x_tilde"] is not None:  # what the figure needs, no graph

@@ -69,19 +69,41 @@ class BadSteps:
                                 "the run diverged; the last good checkpoint is in the run folder (try a lower --lr)")
         return False
 
-    def check_window(self, n_bad: int, n: int, stage: str, step: int) -> None:
+    def check_window(self, n_bad: int, n: int, stage: str, step: int, trailing: int, longest: int) -> None:
         """The deferred form (fused optimizers skip bad steps on the device): n_bad of the last
-        n steps were skipped. A window of only bad steps extends the run of bad steps."""
+        n steps were skipped; `trailing` bad steps in a row end the window and the longest run
+        in it was `longest`, both counted on the device (RunTracker) with the run that came into
+        the window included. Counts alone cannot tell scattered bad steps from a run of them."""
+        self.in_a_row = trailing
         if n_bad == 0:
-            self.in_a_row = 0
             return
         self.total += n_bad
-        self.in_a_row = self.in_a_row + n_bad if n_bad == n else n_bad
         print(f"warning: {stage} steps up to {step}: {n_bad} of the last {n} had a non-finite loss or gradient "
               f"and were skipped ({self.total} skipped so far)", flush=True)
-        if self.in_a_row > self.limit:
-            raise TrainingError(f"{self.in_a_row} non-finite {stage} steps in a row (--max-bad-steps {self.limit}): "
+        if longest > self.limit:
+            raise TrainingError(f"{longest} non-finite {stage} steps in a row (--max-bad-steps {self.limit}): "
                                 "the run diverged; the last good checkpoint is in the run folder (try a lower --lr)")
+
+
+class RunTracker:
+    """Bad steps in a row, on the device (no host sync per step): `trailing` is the current run,
+    carried across windows, `longest` the longest run since the last read."""
+
+    def __init__(self, in_a_row: int, device: torch.device):
+        self.trailing = torch.full((), float(in_a_row), device=device)
+        self.longest = self.trailing.clone()
+
+    def step(self, applied: torch.Tensor) -> None:
+        bad = 1.0 - applied.float()
+        self.trailing.add_(1.0).mul_(bad)  # +1 on a bad step, back to 0 on a good one
+        torch.maximum(self.longest, self.trailing, out=self.longest)
+
+    def read(self) -> tuple[int, int]:
+        """(trailing, longest) read back (one sync, at the window's end); the next window's
+        longest starts from the run it inherits."""
+        trailing, longest = (int(v) for v in torch.stack([self.trailing, self.longest]).tolist())
+        self.longest.copy_(self.trailing)
+        return trailing, longest
 
 
 def finite_flag(loss: torch.Tensor, params) -> torch.Tensor:

@@ -22,10 +22,13 @@ from fastsynth.data.base import DatasetError
 from fastsynth.guard import StopRequest, TrainingError
 
 # Flags that steer this invocation rather than define the experiment: on --resume, those given on
-# the command line apply; everything else comes from the checkpoint's config.
+# the command line apply; everything else comes from the checkpoint's config. The fast path's
+# switches are here: a run moved to another machine (a CPU, a GPU without the Triton kernels, no
+# DALI) must be able to change them; --max-steps is a step budget (the schedule spans --epochs).
 RUN_CONTROL = ("stage", "resume_from", "output_dir", "device", "workers", "log_every", "keep_checkpoints",
                "checkpoint_every", "max_bad_steps", "deterministic", "download", "data_root", "max_bad_fraction",
-               "dist_timeout", "gc_every")
+               "dist_timeout", "gc_every", "max_steps", "impl", "loader", "compile", "compile_mode", "cuda_graph",
+               "channels_last")
 
 
 def _load_stage_inputs(model, cfg, run) -> None:

@@ -373,10 +373,83 @@ def test_resume_refuses_a_changed_training_set(root, tmp_path, monkeypatch, caps
     assert "the training set changed since this checkpoint: 24 images then, 23 now" in capsys.readouterr().err
 
 
-def test_bad_steps_in_a_row_survive_a_resume(root, tmp_path, monkeypatch, capsys):
+def test_resume_may_change_how_it_runs_and_raise_the_step_budget(root, tmp_path, capsys):
+    """--resume keeps the experiment but not how this invocation runs: the fast path's switches
+    (a run moved to a CPU, or to a GPU without the kernels) and the --max-steps budget apply as
+    given. The schedule spans --epochs whatever the budget, so raising it continues the same
+    cosine: the second step runs at lr * (1 + cos(pi / 6)) / 2 of the 6-step schedule (the
+    budget-capped schedule of before would have given the 2-step one's 0.5)."""
+    import math
+
+    from fastsynth.config import from_dict
+    out = tmp_path / "run"
+    args = ["--dataset", "folder", "--data-root", root, "--output-dir", str(out), *TINY, "--synth", "off",
+            "--stage", "ssl", "--max-steps", "1", "--impl", "fast", "--loader", "torch", "--channels-last"]
+    assert train.main(args) == 0
+    assert checkpoint.load(str(out / "last.pt"))["step"] == 1
+    capsys.readouterr()
+    assert train.main(["--resume", "auto", "--output-dir", str(out), "--max-steps", "2", "--impl", "reference",
+                       "--no-channels-last", "--no-compile", "--no-cuda-graph", "--loader", "torch"]) == 0
+    printed = capsys.readouterr().out
+    assert "ignoring" not in printed, printed
+    last = checkpoint.load(str(out / "last.pt"))
+    cfg = last["config"]
+    assert last["step"] == 2 and cfg["max_steps"] == 2 and cfg["impl"] == "reference"
+    assert cfg["channels_last"] is False and cfg["compile"] is False
+    base = from_dict(cfg).effective_lr()
+    lr = last["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(base * 0.5 * (1 + math.cos(math.pi / 6)), rel=1e-9)
+    # What defines the experiment still comes from the checkpoint, with a warning.
+    assert train.main(["--resume", "auto", "--output-dir", str(out), "--max-steps", "3", "--lr", "0.5"]) == 0
+    assert "ignoring --lr" in capsys.readouterr().out
+    assert checkpoint.load(str(out / "last.pt"))["config"]["lr"] == cfg["lr"]
+
+
+def test_a_skipped_warmup_step_leaves_the_decoders_batchnorm_statistics(root, tmp_path, monkeypatch):
+    """As in SSL steps: the warm-up's forward moves the decoder's running statistics before the
+    finiteness check, and a skipped step puts them back (a non-finite batch would otherwise
+    leave NaN in them, in every later checkpoint). Here the second and third steps are declared
+    non-finite: the statistics after the warm-up are those after the first step."""
+    from fastsynth.models import Decoder
+    calls = {"n": 0}
+    real = engine._finite_everywhere
+
+    def first_only(loss, params):
+        calls["n"] += 1
+        return real(loss, params) and calls["n"] == 1
+    monkeypatch.setattr(engine, "_finite_everywhere", first_only)
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert train.main(_args(root, one, "--stage", "warmup", "--warmup-epochs", "1", "--max-steps", "1")) == 0
+    calls["n"] = 0
+    assert train.main(_args(root, three, "--stage", "warmup", "--warmup-epochs", "1")) == 0
+    assert calls["n"] == 3
+    after_one, after_three = (checkpoint.load(str(d / "warmup.pt"))["decoder"] for d in (one, three))
+    stats = [k for k in after_one if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in Decoder(8, 32).modules())
+    for k in stats:
+        assert torch.equal(after_three[k], after_one[k]), k
+    moved = [k for k in after_one if k.endswith("num_batches_tracked")]
+    assert all(int(after_one[k]) == 1 for k in moved)  # the first step's forward did count
+
+
+def _fused_on_cpu(monkeypatch):
+    """The GPU's way of checking steps on a CPU: fused optimizers (this torch has them on a CPU)
+    and the finiteness flag left on the device (engine.checks_on_device), read every --log-every."""
+    import dataclasses
+
+    from fastsynth import fast
+    resolve = fast.resolve
+    monkeypatch.setattr(fast, "resolve", lambda cfg, device: dataclasses.replace(resolve(cfg, device), fused=True))
+
+
+@pytest.mark.parametrize("checks", ["host", "device"])
+def test_bad_steps_in_a_row_survive_a_resume(root, tmp_path, monkeypatch, capsys, checks):
     """A diverging run (every step non-finite) stopped after 2 bad steps and resumed stops at the
-    limit counted across the restart: the count in a row is in the checkpoint."""
+    limit counted across the restart: the count in a row is in the checkpoint. Both ways a step
+    is checked: read back each step (host), or a device flag read every --log-every (device)."""
     from fastsynth.model import SynthSSL
+    if checks == "device":
+        _fused_on_cpu(monkeypatch)
     forward = SynthSSL.forward
 
     def always_nan(self, *args, **kwargs):
@@ -449,3 +522,93 @@ def test_adam_state_from_a_plain_run_steps_in_the_fused_adam():
     assert torch.equal(fast_lin.weight, before)
     fused.step()
     assert float(fused.state[fast_lin.weight]["step"]) == 2.0 and not torch.equal(fast_lin.weight, before)
+
+
+_GROUP_SIGTERM = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import Dataset
+from fastsynth.data.loaders import epoch_loader
+from fastsynth.guard import StopRequest
+
+class Items(Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        flag = sys.argv[1]
+        if not os.path.exists(flag):  # the first item a worker makes: SIGTERM to the whole group
+            open(flag, "w").close()
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+            time.sleep(0.5)  # delivered to every process of the group before the next item
+        return torch.tensor(float(i))
+
+with StopRequest() as stop:
+    seen = [int(x) for batch in epoch_loader(Items(), 2, epoch=0, seed=0, workers=2) for x in batch]
+print("items", len(seen), "distinct", len(set(seen)), "stop requested", stop.requested)
+"""
+
+
+def test_a_sigterm_to_the_process_group_leaves_loader_workers_serving(tmp_path):
+    """Slurm pre-emption and `kill -TERM -PGID` signal the loader's workers too. A worker killed
+    by it made the main process raise mid-step ("DataLoader worker ... is killed by signal"),
+    before StopRequest could stop at a step boundary with a checkpoint; the workers now ignore
+    it (loaders.ignore_stop_signals) and the main process alone decides. Run in its own session
+    so the signal reaches that process group only."""
+    script = tmp_path / "group_sigterm.py"
+    script.write_text(_GROUP_SIGTERM)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "sent")], capture_output=True, text=True,
+                          timeout=60, start_new_session=True)
+    assert (tmp_path / "sent").exists()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "items 16 distinct 16 stop requested True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_device_run_tracker_counts_runs_not_totals():
+    """Deferred checks read a window of steps at once: its count of bad steps alone made scattered
+    ones look like a run (5 alternating bad steps in a window of 10 stopped a run whose limit
+    was 3). The device tracker carries the run across windows and keeps the window's longest."""
+    from fastsynth.guard import BadSteps, RunTracker, TrainingError
+    runs, bad = RunTracker(2, torch.device("cpu")), BadSteps(limit=3, total=2)
+    bad.in_a_row = 2
+    flags = [False, True, False, True, False, True, False, True, False, True]  # 5 bad, none adjacent
+    for ok in flags:
+        runs.step(torch.tensor(ok))
+    trailing, longest = runs.read()
+    assert (trailing, longest) == (0, 3)  # the 2 carried in + the window's first bad step
+    bad.check_window(5, 10, "SSL", 10, trailing, longest)  # 3 is not over the limit
+    assert (bad.total, bad.in_a_row) == (7, 0)
+    for ok in (True, False, False):
+        runs.step(torch.tensor(ok))
+    assert runs.read() == (2, 2)  # the window's longest starts from the run it inherits (0 here)
+    bad.check_window(2, 3, "SSL", 13, 2, 2)
+    for ok in (False, False):
+        runs.step(torch.tensor(ok))
+    trailing, longest = runs.read()
+    assert (trailing, longest) == (4, 4)
+    with pytest.raises(TrainingError, match="4 non-finite SSL steps in a row"):
+        bad.check_window(2, 2, "SSL", 15, trailing, longest)
+
+
+def test_scattered_bad_steps_in_one_window_do_not_stop_a_run(root, tmp_path, monkeypatch):
+    """The deferred path end to end: every other step non-finite, --max-bad-steps 1, windows of
+    6 steps (--log-every 6): 3 bad steps per window but never 2 in a row, so the run finishes."""
+    from fastsynth.model import SynthSSL
+    _fused_on_cpu(monkeypatch)
+    forward, cosine, now = SynthSSL.forward, engine._cosine, {"step": None}
+
+    def set_lr(opt, base_lr, step, total):  # called once per training step, with its number
+        now["step"] = step
+        return cosine(opt, base_lr, step, total)
+
+    def odd_steps_nan(self, *args, **kwargs):  # (the FLOP count's forward, before step 0, is left alone)
+        loss, parts, ctx, out = forward(self, *args, **kwargs)
+        bad = now["step"] is not None and now["step"] % 2 == 1
+        return (loss * float("nan") if bad else loss), parts, ctx, out
+    monkeypatch.setattr(engine, "_cosine", set_lr)
+    monkeypatch.setattr(SynthSSL, "forward", odd_steps_nan)
+    out = tmp_path / "scattered"
+    assert train.main(_args(root, out, "--synth", "off", "--stage", "ssl", "--max-bad-steps", "1",
+                            "--log-every", "6")) == 0
+    ckpt = checkpoint.load(str(out / "last.pt"))
+    assert (ckpt["step"], ckpt["bad_steps"], ckpt["bad_in_a_row"]) == (6, 3, 1)

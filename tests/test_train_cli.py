@@ -82,6 +82,20 @@ def test_stages_run_alone(tiny_root, tiny_run, tmp_path):
     assert "metrics" in final and "ssl_steps" not in final
 
 
+@pytest.mark.parametrize("flag,value", [
+    ("--tau", "nan"), ("--tau", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--nu", "nan"), ("--sigma-g", "nan"),
+    ("--sigma-v", "-1"), ("--decoder-lr", "nan"), ("--alpha", "inf"), ("--weight-decay", "inf"),
+    ("--dist-timeout", "nan"), ("--momentum", "1.5"), ("--momentum", "nan"), ("--probe-lr", "-5"),
+    ("--probe-lr", "0"), ("--probe-lr", "nan"), ("--decoder-width", "0"), ("--simsiam-dim", "0")])
+def test_numbers_outside_their_range_are_refused_before_any_work(flag, value):
+    """NaN fails every comparison, so checks written as `x <= 0` let it through (--lr nan trained a
+    NaN model until the divergence check stopped it); --probe-lr <= 0 failed only at evaluation,
+    after all training, with a traceback."""
+    from fastsynth.config import ConfigError, from_args
+    with pytest.raises(ConfigError, match=flag):
+        from_args([flag, value])
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--dataset", "imagenet"], "invalid choice"),
     (["--dataset", "cub"], "--data-root"),

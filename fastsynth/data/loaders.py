@@ -4,6 +4,9 @@
 """
 from __future__ import annotations
 
+import signal
+import threading
+
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -51,13 +54,48 @@ class FileDataset(Dataset):
         return self.transform(self._image(i)), self.images.labels[i], i
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the workers leave SIGTERM and SIGINT to the main process.
+
+    A scheduler's pre-emption (Slurm, `kill -TERM -PGID`) and a terminal's Ctrl-C signal the
+    whole process group. PyTorch's workers die of a SIGTERM that their parent did not send, and
+    the main process then raises "DataLoader worker ... is killed by signal" in the middle of a
+    step, before its own handler (fastsynth.guard.StopRequest) can stop at a step boundary with
+    a checkpoint. Ignoring both here (this runs after PyTorch sets the worker's handlers) keeps
+    the workers serving until the main process shuts them down; they still exit when it dies
+    (PyTorch's parent watchdog). Loader blocks the signals while it starts the workers, so one
+    that arrives before this function runs waits, and is then dropped here.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers start with SIGTERM and SIGINT blocked (see ignore_stop_signals):
+    forked workers inherit the signal mask, the main process unblocks as soon as they exist, and
+    a signal that came meanwhile is delivered to it then, not lost."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def make_loader(images: ImageList, transform, batch_size: int, *, shuffle: bool, drop_last: bool,
                 workers: int = 0, seed: int = 0, pin_memory: bool = False) -> DataLoader:
     gen = torch.Generator()
     gen.manual_seed(seed)  # the shuffling order follows --seed
-    return DataLoader(FileDataset(images, transform), batch_size=batch_size,
+    return Loader(FileDataset(images, transform), batch_size=batch_size,
                       shuffle=shuffle, drop_last=drop_last, num_workers=workers, generator=gen,
-                      pin_memory=pin_memory, persistent_workers=workers > 0)
+                      pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
 
 
 def rank_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -92,5 +130,5 @@ def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int, skip_
     indices = order[:full][skip_batches * batch_size:].tolist()
     # Workers' augmentation seeds come from this generator: distinct per rank.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1 + 7_919 * rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=workers,
-                      generator=gen, pin_memory=pin_memory)
+    return Loader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=workers,
+                  generator=gen, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
