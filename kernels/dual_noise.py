@@ -400,7 +400,9 @@ def dual_noise(z: torch.Tensor, s: torch.Tensor, v_bar: torch.Tensor, sigma_g: f
         if not same_device:
             raise ValueError(f"dual_noise: z, s, v_bar on different devices ({z.device}, {s.device}, {v_bar.device})")
         if not counter_fits:
-            raise ValueError(f"dual_noise(impl='triton'): B * d = {z.numel()} overflows the 32-bit noise counter")
+            pairs = z.shape[0] * ((z.shape[1] + 1) // 2)
+            raise ValueError(f"dual_noise(impl='triton'): B * ceil(d / 2) = {pairs} column pairs reach the noise "
+                             f"counter's limit ({COUNTER_LIMIT}); use impl='torch' or a smaller batch")
         args = (z.detach(), s.detach(), v_bar.detach(), float(sigma_g), float(sigma_v), float(lam), seed)
         if direct_launch_ok(*args[:3], *([seed] if device_seed else [])):  # eager: no op dispatch layers
             if device_seed:

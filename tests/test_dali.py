@@ -236,6 +236,66 @@ def test_a_format_dali_cannot_decode_is_excluded_by_the_scan(images, tmp_path):
     assert sum(len(b[2]) for b in D.make_dali_eval_loader(cleaned, S, 3)) == 7
 
 
+def _damaged(kind: str, source: str, tmp_path) -> str:
+    """A file PIL decodes (the torch loader trains on it) that DALI refuses or misreads."""
+    rgb = Image.open(source).convert("RGB")
+    path = str(tmp_path / f"{kind}.{'tif' if kind.startswith('tiff') else 'png'}")
+    if kind.startswith("tiff"):
+        mode = kind.split("-")[1]
+        gray = np.asarray(rgb.convert("L"))
+        img = {"1": rgb.convert("1"), "I": Image.fromarray(gray.astype(np.int32), "I"),
+               "F": Image.fromarray(gray.astype(np.float32), "F")}[mode]
+        img.save(path)
+        return path
+    rgb.save(path)
+    data = bytearray(open(path, "rb").read())
+    if kind == "png-crc":
+        at = data.index(b"IDAT")
+        length = int.from_bytes(data[at - 4:at], "big")
+        data[at + 4 + length] ^= 0xFF  # the chunk's CRC, after its data: the data is intact, the CRC wrong
+    else:
+        data = data[:-int(kind.removeprefix("png-cut"))]  # cut inside the end chunk (IEND)
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["png-crc", "png-cut4", "png-cut12", "tiff-1", "tiff-I", "tiff-F"])
+def test_files_pil_reads_but_dali_cannot_are_excluded_by_the_scan(images, tmp_path, kind):
+    """The scan decodes with PIL, which reads past a wrong PNG chunk CRC or a missing end chunk;
+    DALI's libpng stops the pipeline on them, as on 1-bit and 32-bit integer TIFFs, and reads a
+    32-bit float TIFF as other values. All are excluded for both loaders, with the reason."""
+    from fastsynth.data.scan import check_image
+    path = _damaged(kind, images.paths[0], tmp_path)
+    load_rgb(path)  # the torch loader alone would take it
+    if kind == "tiff-F":
+        _, out = _run_ops(path, lambda img: img)
+        assert np.abs(out.astype(float) - np.asarray(load_rgb(path)).astype(float)).mean() > 10
+    else:
+        with pytest.raises(RuntimeError):
+            for _ in D.make_dali_eval_loader(ImageList([path, images.paths[1]], [0, 0], images.classes), S, 2):
+                pass
+    reason = check_image(path)
+    assert reason and reason.startswith("damaged PNG" if kind.startswith("png") else "TIFF with"), reason
+
+
+def test_intact_png_and_tiff_variants_stay(images, tmp_path):
+    """What the PNG and TIFF checks must not exclude: a PNG with a few bytes after its end chunk
+    (libpng stops at the chunk), 8-bit and 16-bit TIFFs; each decodes in DALI."""
+    from fastsynth.data.scan import check_image
+    rgb = Image.open(images.paths[0]).convert("RGB")
+    trailing = str(tmp_path / "trailing.png")
+    rgb.save(trailing)
+    with open(trailing, "ab") as fh:
+        fh.write(b"\x00" * 100)
+    gray8, gray16 = str(tmp_path / "g8.tif"), str(tmp_path / "g16.tif")
+    rgb.convert("L").save(gray8)
+    Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).save(gray16)
+    for path in (trailing, gray8, gray16):
+        assert check_image(path) is None, path
+        _, out = _run_ops(path, lambda img: img)
+        assert np.abs(out.astype(float) - np.asarray(load_rgb(path)).astype(float)).mean() < 1, path
+
+
 def test_eval_loader_with_fewer_images_than_shards_is_a_clear_error(images):
     one = ImageList(images.paths[:1], images.labels[:1], images.classes)
     with pytest.raises(ValueError, match="1 image.* cannot be split over 2 shards"):

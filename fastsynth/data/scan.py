@@ -1,8 +1,10 @@
 """Scan a split before training: decode every file once, exclude the ones that cannot be used.
 
 Excluded: zero-byte files, files that do not decode (truncated or corrupt JPEG/PNG, non-image
-files with an image extension), formats the DALI loader cannot decode (a GIF named .jpg),
-images smaller than `min_size` on a side. Grayscale, CMYK,
+files with an image extension), formats the DALI loader cannot decode (a GIF named .jpg), PNGs
+that PIL decodes but DALI's libpng refuses (a chunk checksum wrong, the end chunk missing), TIFFs
+with 1-bit or 32-bit pixels (DALI fails on them or misreads them), images smaller than
+`min_size` on a side. Grayscale, CMYK,
 palette, 16-bit and alpha images are fine: the loaders convert them to RGB. Results are cached
 by (path, size, mtime) so later runs only decode new or changed files. Both loaders read the
 cleaned ImageList, so they see the same files.
@@ -27,7 +29,12 @@ MIN_SIZE = 8  # px: smaller images cannot survive a crop to the training size me
 # pipeline mid-epoch ("nvImageCodec failure") without naming the file: excluded here, for both
 # loaders, so that they keep reading the same list.
 FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
-VERSION = 2  # of the cached verdicts: 2 added the format check
+VERSION = 3  # of the cached verdicts: 2 added the format check, 3 the PNG and TIFF checks
+# TIFF pixel modes (PIL's names) DALI 2.4 cannot read: "1" and "I" stop the pipeline ("missing:
+# BitsPerSample"), "F" (32-bit float) decodes to other values than PIL's.
+TIFF_MODES_DALI_CANNOT_READ = frozenset({"1", "I", "F"})
+# A PNG ends with its IEND chunk: zero length, the type, and that type's CRC.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 def check_image(path: str, min_size: int = MIN_SIZE) -> str | None:
@@ -37,13 +44,35 @@ def check_image(path: str, min_size: int = MIN_SIZE) -> str | None:
             return "zero-byte file"
         with Image.open(path) as im:
             im.load()  # full decode: a truncated file fails here, not at open()
-            w, h, fmt = *im.size, im.format
+            w, h, fmt, mode = *im.size, im.format, im.mode
+        if fmt == "PNG":
+            damaged = _png_damage(path)
+            if damaged:
+                return f"damaged PNG ({damaged}; PIL reads past it, the DALI loader stops on it)"
     except Exception as e:  # noqa: BLE001 - any decoder failure excludes the file
         return f"cannot decode ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     if fmt not in FORMATS:
         return f"{fmt} image (the DALI loader cannot decode it; convert it to JPEG or PNG)"
+    if fmt == "TIFF" and mode in TIFF_MODES_DALI_CANNOT_READ:
+        return f"TIFF with {mode!r} pixels (1-bit or 32-bit: the DALI loader cannot read them; convert to 8-bit)"
     if min(w, h) < min_size:
         return f"too small ({w}x{h} < {min_size} px)"
+    return None
+
+
+def _png_damage(path: str) -> str | None:
+    """What libpng (DALI's PNG decoder) would refuse that PIL's decode lets through: a chunk whose
+    CRC is wrong (PIL's verify() checks them) or a file cut anywhere in its last chunk (the end
+    chunk must be there, whole; a little data after it, which libpng ignores, is allowed)."""
+    with Image.open(path) as im:
+        try:
+            im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises SyntaxError, OSError, struct.error, ...
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else 'verify failed'}"
+    with open(path, "rb") as fh:
+        fh.seek(max(0, os.path.getsize(path) - 4096))
+        if PNG_END not in fh.read():
+            return "no end chunk"
     return None
 
 
