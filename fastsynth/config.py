@@ -253,7 +253,7 @@ METHOD_DEFAULTS = {"mocov2": {"lr": 0.06}, "simsiam": {"lr": 0.05}}
 PRESETS = {
     # METHOD.md "Training settings": ResNet-50 at 224, batch 128, 100 epochs, queue 65536,
     # decoder warm-up 200 epochs. lr 0.03 at batch 128 is 0.06 per 256 images.
-    "paper": {},
+    "paper": {"probe": "paper"},  # and its linear-probe protocol (lr 30, crops and flips, 100 epochs)
     # Fits a 2-core CPU: ResNet-18 at 64 px on the synthetic set. The queue holds about 1.3
     # epochs of keys (1024 for 800 images; a queue of 256 changed nothing measurable, see
     # bench/results/2026-11-26-quick-vs-random) and the bank 512 rows, so both hold recent

@@ -43,7 +43,9 @@ class StepGC:
         if not self.every:
             return
         self._steps += 1
-        if self._steps == 1:
+        # Only where nothing is frozen yet: gc.unfreeze() at the end then restores the state found
+        # (it cannot unfreeze a part; someone else's freeze is left alone).
+        if self._steps == 1 and gc.get_freeze_count() == 0:
             gc.collect()  # the first step's garbage is not frozen with the rest
             gc.freeze()
             self.frozen = gc.get_freeze_count()

@@ -59,6 +59,20 @@ def test_every_n_collects_young_generations_at_known_steps(spy):
     assert gc.get_freeze_count() == 0
 
 
+def test_someone_elses_freeze_is_left_alone():
+    """gc.unfreeze() cannot undo a part: with objects already frozen (a server that froze before
+    forking, say), StepGC neither freezes nor unfreezes."""
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with gcpolicy.StepGC(2) as g:
+            g.step(1)
+            assert g.frozen == 0
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()
+
+
 def test_frozen_objects_are_skipped_and_later_garbage_still_collected():
     """What exists after the first step is frozen: a full collection leaves it alone (and is
     cheaper for it); cyclic garbage made afterwards is still collected; the end unfreezes."""

@@ -158,3 +158,18 @@ def test_queue_note_when_queue_covers_the_training_set():
     assert "1024 keys" in train.queue_note(cfg, 800) and "800 images" in train.queue_note(cfg, 800)
     assert train.queue_note(cfg, 1025) is None
     assert train.queue_note(from_args(["--method", "simsiam"]), 10) is None  # SimSiam has no queue
+
+
+def test_the_paper_preset_is_method_md_settings():
+    """--preset paper: METHOD.md's training settings and its linear-probe protocol (lr 30, crops
+    and flips every epoch); the quick preset keeps the cached probe (seconds on a CPU). MoCo v2's
+    lr 0.03 is the rate at the paper's batch 128; SimSiam's 0.05 is read per 256 images, as the
+    SimSiam paper states its base rate."""
+    from fastsynth.config import from_args
+    paper = from_args(["--preset", "paper"])
+    assert (paper.arch, paper.image_size, paper.batch_size, paper.epochs, paper.queue_size) == (
+        "resnet50", 224, 128, 100, 65536)
+    assert (paper.warmup_epochs, paper.tau, paper.moco_momentum, paper.probe) == (200, 0.2, 0.999, "paper")
+    assert paper.effective_lr() == pytest.approx(0.03)
+    assert from_args(["--preset", "paper", "--method", "simsiam"]).effective_lr() == pytest.approx(0.025)
+    assert from_args([]).probe == "cached" and from_args(["--preset", "paper", "--probe", "cached"]).probe == "cached"
