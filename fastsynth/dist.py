@@ -118,6 +118,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' values, on every rank (the gloo control group: host only)."""
+    if world() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL)
+    return int(t.item())
+
+
 def any_rank_device(flag: torch.Tensor) -> torch.Tensor:
     """any_rank for a 0-dim bool tensor on the device, without a host synchronisation."""
     if world() == 1:
@@ -151,9 +160,16 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     MoCo keys for the queue, features for the bank."""
     if world() == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(world())]
+    # Send and receive in one layout: empty_like would keep a channels-last batch's layout for the
+    # receive buffers while the send buffer is made contiguous, and a collective that copies raw
+    # bytes (NCCL's all_gather has had layout-dependent behaviour, pytorch#163483) would then
+    # scramble the images. The result gets the input's layout back (shuffle-BN's key batch).
+    parts = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(world())]
     dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    out = torch.cat(parts)
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -167,7 +183,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
         ctx.rows = t.shape[0]
-        parts = [torch.empty_like(t) for _ in range(world())]
+        parts = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(world())]  # see gather
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 

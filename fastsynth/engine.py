@@ -486,10 +486,16 @@ def _ssl_loader(plan: fast.Plan, dataset, splits: Splits, cfg: Config, local_bs:
                         rank=rank, world=world)
 
 
+RANK_STRIDE = 2 ** 40  # steps a run may take before rank r's seeds meet rank r + 1's
+
+
 def noise_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
     """The dual-noise seed of a step on a rank: reproducible from --seed, distinct for every
-    (step, rank) pair of a run, and the single-process value when world = 1."""
-    return (seed * 1_000_003 + step) * world + rank
+    (step, rank) pair of a run whatever the number of processes, also across a resume under
+    another world size (a formula scaled by the world size gave rank 0 of a 2-process step 7
+    and the 1-process step 14 the same seed), and the single-process value on rank 0. Below
+    2**63 (the Philox key range) for --seed < 2**32 and up to 2**22 ranks. `world` is not used."""
+    return seed * 1_000_003 + step + rank * RANK_STRIDE
 
 
 def checks_on_device(plan: fast.Plan, scaler) -> bool:

@@ -196,8 +196,9 @@ def run(cfg) -> dict:
         if cfg.stage in ("all", "ssl") and not results.get("stopped"):
             results.update(train_ssl(model, splits, cfg, run_dir, device, stop, state=ssl_state, plan=plan))
     if results.get("stopped"):
-        results["exit_code"] = stop.exit_code
-        print(f"stopped by {signal.Signals(stop.signum).name}: checkpoint in {run_dir.path}; continue with\n"
+        signum = agreed_signal(stop)
+        results["exit_code"] = 130 if signum == signal.SIGINT else 0
+        print(f"stopped by {signal.Signals(signum).name}: checkpoint in {run_dir.path}; continue with\n"
               f"  python -m fastsynth.train --resume auto --output-dir {run_dir.path}", flush=True)
         return results
     if not dist.is_main():
@@ -216,6 +217,13 @@ def run(cfg) -> dict:
     run_dir.write_json("final_metrics.json", results)
     print(f"done in {results['seconds']} s; results in {run_dir.file('final_metrics.json')}")
     return results
+
+
+def agreed_signal(stop: StopRequest) -> int:
+    """The signal that stopped the run, the same on every rank. dist.any_rank stops all ranks when
+    one is signalled (one node of a multi-node job pre-empted): the others have none of their own,
+    and each must still exit as the signalled one does (SIGTERM 0, SIGINT 130; SIGTERM wins)."""
+    return dist.max_over_ranks(stop.signum or 0)
 
 
 def _distribute(model, cfg, device) -> None:

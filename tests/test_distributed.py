@@ -217,6 +217,36 @@ def test_flop_count_failing_on_one_rank_leaves_the_others_free(tmp_path):
         assert int(res["inside"]) == 1 and int(res["after"]) == 2
 
 
+def _stop_case() -> dict:
+    """A signal that reached one rank only (rank 1: SIGTERM; then rank 0: SIGINT): every rank
+    reports the same one. And a channels-last batch gathered keeps its values and its layout."""
+    import signal
+
+    from fastsynth import train
+    from fastsynth.guard import StopRequest
+    stop = StopRequest()
+    stop.signum = signal.SIGTERM if dist.rank() == 1 else None
+    term = train.agreed_signal(stop)
+    stop.signum = signal.SIGINT if dist.rank() == 0 else None
+    interrupt = train.agreed_signal(stop)
+    x = (torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5) + 1000 * dist.rank())
+    g = dist.gather(x.contiguous(memory_format=torch.channels_last))
+    return {"term": torch.tensor(term), "interrupt": torch.tensor(interrupt), "gathered": g,
+            "channels_last": torch.tensor(g.is_contiguous(memory_format=torch.channels_last))}
+
+
+def test_a_signal_on_one_rank_is_every_ranks_and_gathers_keep_the_layout(tmp_path):
+    """The ranks that were not signalled used to crash naming the signal (None is not a valid
+    Signals) after the coordinated stop and checkpoint: torchrun reported a failed job."""
+    import signal
+    ranks = _spawn(tmp_path, _stop_case)
+    base = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    for res in ranks:
+        assert int(res["term"]) == signal.SIGTERM and int(res["interrupt"]) == signal.SIGINT
+        torch.testing.assert_close(res["gathered"], torch.cat([base, base + 1000]), rtol=0, atol=0)
+        assert bool(res["channels_last"])
+
+
 def test_epoch_shards_are_disjoint_and_cover_the_epoch():
     data = list(range(37))
     for epoch in (0, 1):
@@ -236,6 +266,12 @@ def test_noise_seeds_differ_per_rank_and_step():
     from fastsynth.engine import noise_seed
     seeds = [noise_seed(3, step, rank, 4) for step in range(50) for rank in range(4)]
     assert len(set(seeds)) == len(seeds)
+    # A run resumed under other world sizes (2, then 1, then 3 processes) never repeats a seed.
+    resumed = ([noise_seed(0, s, r, 2) for s in range(0, 10) for r in range(2)]
+               + [noise_seed(0, s, 0, 1) for s in range(10, 30)]
+               + [noise_seed(0, s, r, 3) for s in range(30, 40) for r in range(3)])
+    assert len(set(resumed)) == len(resumed)
+    assert noise_seed(2 ** 32 - 1, 10 ** 9, 2 ** 22 - 1, 2 ** 22) < 2 ** 63  # the Philox key range
     assert noise_seed(3, 7) == noise_seed(3, 7, 0, 1) == 3 * 1_000_003 + 7  # one process: unchanged
     assert noise_seed(3, 7, 1, 2) == noise_seed(3, 7, 1, 2)
 
