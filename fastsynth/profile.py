@@ -40,7 +40,9 @@ from fastsynth.progress import tqdm
 DATA = ("synthetic-gpu", "loader")
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a fragment of the device name; first
 # match wins, so the PCIe H100 comes before the SXM one.
-BF16_PEAK = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+# NVL cards (PCIe form, lower clocks): 835 dense in NVIDIA's H100 / H200 NVL datasheets.
+BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+             ("A100", 312e12))
 GLUE = "losses + glue"
 STAGES = {  # row -> what it measures (printed with --json, and the order of the table)
     "data wait": "end of the previous step to the batch on the device: loader next() + copy",

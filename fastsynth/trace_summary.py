@@ -81,6 +81,8 @@ def from_profiler(prof, stages: set[str], steps: int, top_ops: int = 12) -> dict
         for e in prof.events():
             span = (float(e.time_range.start), float(e.time_range.end), str(e.name))
             if e.device_type == DeviceType.CUDA:
+                if not is_device_work(e):
+                    continue
                 device.append(span)
             elif e.device_type == DeviceType.CPU:
                 host.append(span)
@@ -91,6 +93,14 @@ def from_profiler(prof, stages: set[str], steps: int, top_ops: int = 12) -> dict
         return out
     except Exception as e:  # the figures stay; only the summary is missing
         return {"error": f"{type(e).__name__}: {e}"}
+
+
+def is_device_work(event) -> bool:
+    """A kernel, memcpy or memset, not a user annotation: torch.profiler also reports every
+    record_function range (the stage names, ProfilerStep#N) on the GPU timeline, spanning the
+    work launched inside it; counted as busy, they covered the idle gaps this summary exists to
+    find (GPU busy came out near 100 %)."""
+    return not getattr(event, "is_user_annotation", False) and not str(event.name).startswith("ProfilerStep#")
 
 
 def format_lines(s: dict) -> list[str]:

@@ -216,6 +216,7 @@ def test_bf16_peak_table():
     assert profile.bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
     assert profile.bf16_peak("NVIDIA H100 PCIe") == 756e12
     assert profile.bf16_peak("NVIDIA H200") == 989e12
+    assert profile.bf16_peak("NVIDIA H100 NVL") == profile.bf16_peak("NVIDIA H200 NVL") == 835e12
     assert profile.bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
     assert profile.bf16_peak("Some GPU") is None
 
@@ -246,3 +247,28 @@ def test_training_log_flops_match_the_profiler_and_leave_the_rng_alone():
     # Eq. 7's 2N x 2N similarities grow faster (a tiny share)
     twice = tuple(torch.cat([t, t]) for t in batch)
     assert n > 1e8 and 1.95 < step_flops(cfg, torch.device("cpu"), twice) / n < 2.05
+
+
+def test_trace_summary_ignores_user_annotations_on_the_gpu_timeline():
+    """torch.profiler reports each record_function range (the stage names, ProfilerStep#N) on the
+    GPU timeline too, spanning the work launched inside it. Counted as GPU work they filled the
+    idle gaps: here two 100 us kernels with 100 us idle between them read as 100 % busy."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from fastsynth.trace_summary import from_profiler
+
+    def ev(start, end, name, device, annotation=False):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name, device_type=device,
+                               is_user_annotation=annotation)
+
+    events = [ev(0, 100, "conv", DeviceType.CUDA), ev(200, 300, "mm", DeviceType.CUDA),
+              ev(0, 300, "ProfilerStep#1", DeviceType.CUDA, annotation=True),
+              ev(0, 300, "Grad-CAM scores", DeviceType.CUDA, annotation=True),
+              ev(0, 400, "ProfilerStep#1", DeviceType.CPU), ev(120, 190, "Grad-CAM scores", DeviceType.CPU)]
+    prof = SimpleNamespace(events=lambda: events, key_averages=lambda: [])
+    s = from_profiler(prof, set(profile.STAGES), steps=1)
+    assert "error" not in s, s
+    assert s["gpu_busy_fraction"] == pytest.approx(2 / 3)
+    assert s["idle_ms_per_step"] == pytest.approx(0.1)
