@@ -34,7 +34,8 @@ def load(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign: the same user error
-        raise CheckpointError(f"checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        why = (str(e).splitlines() or ["empty file" if os.path.getsize(path) == 0 else "no message"])[0][:200]
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: not a fastsynth checkpoint (no format tag {FORMAT!r})")
     return ckpt

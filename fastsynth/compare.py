@@ -15,8 +15,7 @@ import json
 import os
 import sys
 
-METRICS = ("linear_top1@100", "linear_top1@50", "linear_top1@20", "rank1", "rank5", "mAP")
-HEADERS = ("linear 100 %", "linear 50 %", "linear 20 %", "rank-1", "rank-5", "mAP")
+RETRIEVAL = (("rank1", "rank-1"), ("rank5", "rank-5"), ("mAP", "mAP"))
 METHOD_SPECS = {"mocov2": ("mocov2", "off"), "mocov2+synth": ("mocov2", "on"),
                 "simsiam": ("simsiam", "off"), "simsiam+synth": ("simsiam", "on")}
 # METHOD.md, "The paper's headline numbers" (ResNet-50, 100 epochs): linear top-1 / rank-1, %.
@@ -29,8 +28,25 @@ PAPER = {
                  "simsiam+synth": (47.50, 24.56)},
 }
 # Keys that do not change what a run computes: a finished run with only these different is reused.
+# Not --data-root: for --dataset folder it is the dataset itself (a moved official set retrains).
 RUN_ONLY = {"output_dir", "stage", "resume", "resume_from", "device", "workers", "log_every", "keep_checkpoints",
-            "checkpoint_every", "download", "data_root", "gc_every"}
+            "checkpoint_every", "download", "gc_every"}
+
+
+def columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(metric key, header) of the table: a linear top-1 per label fraction the runs have in
+    common (--probe-fractions), largest first, then retrieval."""
+    common = set.intersection(*(set(r["metrics"]) for r in rows)) if rows else set()
+    fractions = sorted((int(k.split("@")[1]) for k in common if k.startswith("linear_top1@")), reverse=True)
+    return [(f"linear_top1@{f}", f"linear {f} %") for f in fractions] + [kv for kv in RETRIEVAL if kv[0] in common]
+
+
+def reusable(result: dict, cfg: dict) -> bool:
+    """A finished run of the same experiment: trained and evaluated here (--stage all, its own
+    checkpoint), not a lone stage whose final_metrics.json holds no table or another checkpoint's."""
+    saved = result.get("config", {})
+    return ("trained" in (result.get("metrics") or {}) and saved.get("stage", "all") == "all"
+            and not saved.get("resume_from") and _same(saved, cfg))
 
 
 def plan(methods: list[str], noises: list[str]) -> list[tuple[str, str, str, str]]:
@@ -70,7 +86,7 @@ def run_all(args, train_argv: list[str]) -> list[dict]:
         folder = os.path.join(args.output_dir, name.replace("/", "-"))
         cfg = from_args([*train_argv, "--method", method, "--synth", synth, "--noise", noise, "--output-dir", folder])
         done = os.path.join(folder, "final_metrics.json")
-        if os.path.isfile(done) and _same(json.load(open(done))["config"], cfg.to_dict()):
+        if os.path.isfile(done) and reusable(json.load(open(done)), cfg.to_dict()):
             print(f"[compare] {name}: reusing {folder}")
             result = json.load(open(done))
         else:
@@ -78,17 +94,18 @@ def run_all(args, train_argv: list[str]) -> list[dict]:
             result = train.run(cfg)
             if result.get("stopped"):
                 raise SystemExit(result.get("exit_code", 0))
+        base_name, base = next(((k, v) for k, v in result["metrics"].items() if k != "trained"), (None, None))
         rows.append({"name": name, "run_dir": folder, "noise": noise, "config": result["config"],
-                     "metrics": result["metrics"]["trained"], "random_init": next(
-                         (v for k, v in result["metrics"].items() if k != "trained"), None)})
+                     "metrics": result["metrics"]["trained"], "random_init": base, "baseline": base_name})
     return rows
 
 
 def _table(rows: list[dict], paper: dict | None, with_run: bool = True) -> list[str]:
-    head = ["run", *HEADERS] + (["paper linear / rank-1"] if paper else [])
+    cols = columns(rows)
+    head = ["run", *(h for _, h in cols)] + (["paper linear / rank-1"] if paper else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{100 * r['metrics'][k]:.2f}" for k in METRICS]
+        cells = [f"{100 * r['metrics'][k]:.2f}" for k, _ in cols]
         name = f"[{r['name']}]({os.path.basename(r['run_dir'])}/)" if with_run else r["name"]
         extra = []
         if paper:
@@ -182,8 +199,10 @@ def write_report(rows: list[dict], out: str, dataset: str, made: dict) -> str:
              "## Table 1 layout: classification (linear probe) and retrieval", "", *_table(table1, paper)]
     base = rows[0].get("random_init")
     if base:
-        lines += ["", "Random-initialised encoder (same evaluation, the floor a method must beat): "
-                  + ", ".join(f"{h} {100 * base[k]:.2f}" for h, k in zip(HEADERS, METRICS)) + "."]
+        what = ("Random-initialised encoder" if rows[0].get("baseline", "random_init") == "random_init"
+                else "The encoder at its initial weights (--weights)")
+        lines += ["", f"{what} (same evaluation, the floor a method must beat): "
+                  + ", ".join(f"{h} {100 * base[k]:.2f}" for k, h in columns([{"metrics": base}])) + "."]
     if paper:
         lines += ["", "The paper's column: ResNet-50, 100 epochs (METHOD.md), not this budget."]
     if len(table4) > 1:

@@ -612,6 +612,19 @@ def _set_aside_previous_run(run: RunDir) -> None:
         print(f"note: {run.path} held SSL checkpoints of an earlier run; moved them to {dest}")
 
 
+def set_aside_earlier_run(run: RunDir) -> None:
+    """A fresh run that begins with the warm-up (--stage all or warmup) in a folder holding an
+    earlier run's files moves its checkpoints (warmup.pt and the SSL ones) and its metrics.jsonl
+    to previous-<time>/ before any work. Moved only at the SSL stage's start, a run that died in
+    its warm-up left --resume auto the earlier run's last.pt to continue (another experiment),
+    and the new run's log lines were appended to the old run's curves. Nothing is deleted."""
+    import os
+    old = _ssl_checkpoints(run) + [f for f in ("warmup.pt", "metrics.jsonl") if os.path.isfile(run.file(f))]
+    if old:
+        dest = _move_aside(run, old, "previous")
+        print(f"note: {run.path} held an earlier run's files ({', '.join(sorted(old))}); moved them to {dest}")
+
+
 def _set_aside_newer(run: RunDir, step: int) -> None:
     """Resuming from an older checkpoint than the folder's newest abandons the steps after it:
     their checkpoints move to abandoned-<time>/, or a later --resume auto (after a corrupt

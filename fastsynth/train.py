@@ -157,6 +157,9 @@ def run(cfg) -> dict:
         except ImportError as e:
             raise ConfigError(str(e)) from None
     seed_everything(cfg.seed)
+    if run_dir.active and not cfg.resume and cfg.stage in ("all", "warmup"):
+        from fastsynth.engine import set_aside_earlier_run
+        set_aside_earlier_run(run_dir)
     if run_dir.active:
         save(cfg, run_dir.file("config.json"))
     print("config:", json.dumps(cfg.to_dict(), sort_keys=True))

@@ -95,3 +95,31 @@ def test_reuse_treats_options_added_later_as_their_defaults():
     assert compare._same(old, now)
     assert not compare._same(old, {**now, "probe": "paper"})
     assert not compare._same({**old, "lr": 1.0}, now)
+
+
+def test_reuse_needs_a_finished_run_of_the_same_data():
+    """A folder's final_metrics.json is reused only from a --stage all run of the same experiment:
+    not from a lone stage (no table, or another checkpoint's scores with --resume-from), and not
+    when --data-root differs (for --dataset folder it is the dataset)."""
+    from fastsynth.config import Config
+    cfg = Config(dataset="folder", data_root="/data/a").to_dict()
+    done = {"config": dict(cfg), "metrics": {"trained": {"rank1": 0.5}, "random_init": {"rank1": 0.1}}}
+    assert compare.reusable(done, cfg)
+    assert not compare.reusable(done, {**cfg, "data_root": "/data/b"})
+    assert not compare.reusable({"config": {**cfg, "stage": "ssl"}}, cfg)                      # no metrics
+    assert not compare.reusable({**done, "config": {**cfg, "stage": "eval"}}, cfg)
+    assert not compare.reusable({**done, "config": {**cfg, "resume_from": "/other/last.pt"}}, cfg)
+    assert compare.reusable(done, {**cfg, "workers": 0, "device": "cpu"})                      # how, not what
+
+
+def test_table_columns_follow_the_probe_fractions():
+    """--probe-fractions 1.0 gives one linear column (a fixed 100/50/20 list crashed the report
+    after all training with a KeyError)."""
+    rows = [{"name": "a", "run_dir": "x/a", "metrics": {"linear_top1@100": 0.5, "rank1": 0.4, "rank5": 0.6,
+                                                          "mAP": 0.3, "linear_top5@100": 0.9}}]
+    assert compare.columns(rows) == [("linear_top1@100", "linear 100 %"), ("rank1", "rank-1"), ("rank5", "rank-5"),
+                                     ("mAP", "mAP")]
+    table = compare._table(rows, None)
+    assert table[0] == "| run | linear 100 % | rank-1 | rank-5 | mAP |" and "| 50.00 | 40.00 | 60.00 | 30.00 |" in table[2]
+    both = rows + [{"name": "b", "run_dir": "x/b", "metrics": {**rows[0]["metrics"], "linear_top1@50": 0.2}}]
+    assert [k for k, _ in compare.columns(both)][0] == "linear_top1@100"  # only what every run has

@@ -279,6 +279,41 @@ def test_fresh_run_sets_aside_an_earlier_runs_checkpoints(tmp_path, capsys):
     assert "moved them to" in capsys.readouterr().out
 
 
+def test_an_empty_checkpoint_is_skipped_not_a_crash(tmp_path, capsys):
+    """A 0-byte last.pt (an interrupted copy, a full disk): torch.load's EOFError has no message,
+    and reading its first line crashed load() with an IndexError, so newest_valid never fell
+    back to the previous checkpoint."""
+    run = checkpoint.RunDir(str(tmp_path), "")
+    for step in (3, 6):
+        checkpoint.rotate_and_save({"format": checkpoint.FORMAT, "stage": "ssl", "step": step}, run, keep=3)
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable .*empty file"):
+        checkpoint.load(str(tmp_path / "last.pt"))
+    path, ckpt = checkpoint.newest_valid(run)
+    assert ckpt["step"] == 3 and path.endswith("ssl-step00000003.pt")  # the previous one (last.pt held 6)
+    assert "trying the previous checkpoint" in capsys.readouterr().out
+
+
+def test_a_fresh_run_dying_in_its_warmup_leaves_no_earlier_run_to_resume(root, tmp_path, monkeypatch):
+    """A fresh run (--stage all) in a folder that holds an earlier run's files moves them aside
+    before its warm-up: when the new run dies there, --resume auto finds nothing to continue
+    rather than the earlier run's last.pt (another experiment), and its log starts empty."""
+    out = tmp_path / "run"
+    assert train.main(_args(root, out, "--synth", "off", "--stage", "all", "--max-steps", "1",
+                            "--probe-epochs", "1")) == 0
+    assert (out / "last.pt").exists() and (out / "metrics.jsonl").exists()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed in the warm-up")
+    monkeypatch.setattr(engine, "warmup_decoder", crash)
+    with pytest.raises(RuntimeError, match="killed in the warm-up"):
+        train.run(train.from_args(_args(root, out, "--seed", "7")))
+    assert not (out / "last.pt").exists() and not (out / "metrics.jsonl").exists()
+    (moved,) = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert {"last.pt", "metrics.jsonl"} <= {f.name for f in moved.iterdir()}
+    assert train.main(["--resume", "auto", "--output-dir", str(out)]) == 2  # nothing of this run to resume
+
+
 def test_optimizer_state_from_another_path_keeps_this_runs_flags_and_layout():
     """--device / --impl may change on resume: a plain SGD's state loaded into the fast path's
     fused SGD over channels-last weights keeps fused=True (which the found_inf flag needs) and
