@@ -120,7 +120,9 @@ def graph_cold_ms(fn, rep_ms: float, grad_to_none=None) -> float:
             out.append((s, e))
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in out)
-    reps = int(min(500, max(20, rep_ms / 1e3 / 1e-4)))
+    reps = 3
+    one = timed(both) / 1e3  # seconds per replay, flush included: the budget sets the replays
+    reps = int(min(500, max(20, rep_ms / 1e3 / max(one, 1e-5))))
     timed(alone)  # warm
     return max(timed(both) - timed(alone), 0.0)
 
