@@ -31,6 +31,11 @@ RUN_CONTROL = ("stage", "resume_from", "output_dir", "device", "workers", "log_e
                "channels_last")
 
 
+# What the decoder warm-up's inputs depend on (the frozen initial encoder's features of which
+# images): --stage ssl names any that differ from its own run's.
+WARMUP_DEFINES = ("dataset", "seed", "weights", "arch", "image_size")
+
+
 def _load_stage_inputs(model, cfg, run) -> None:
     """--stage ssl needs the warm-up's decoder; --stage eval needs the trained model."""
     if cfg.stage == "ssl" and model.synth is not None:
@@ -48,6 +53,10 @@ def _load_stage_inputs(model, cfg, run) -> None:
                                              "--resume auto --output-dir RUN_FOLDER")
         checkpoint.load_into(model.synth.decoder, ckpt["decoder"], f"{path} (decoder)")
         print(f"loaded warm-up decoder from {path}")
+        differs = [f"--{k.replace('_', '-')} {ckpt.get('config', {}).get(k)!r} (this run: {getattr(cfg, k)!r})"
+                   for k in WARMUP_DEFINES if ckpt.get("config", {}).get(k, getattr(cfg, k)) != getattr(cfg, k)]
+        if differs:
+            print(f"warning: {path} warmed the decoder up on other inputs: {', '.join(differs)}")
     if cfg.stage == "eval":
         path = cfg.resume_from or run.file("last.pt")
         ckpt = checkpoint.load(path)

@@ -68,13 +68,20 @@ def test_eval_cli_reads_checkpoint(tiny_run, tmp_path, capsys):
     assert json.load(open(out)) == res
 
 
-def test_stages_run_alone(tiny_root, tiny_run, tmp_path):
+def test_stages_run_alone(tiny_root, tiny_run, tmp_path, capsys):
     out = str(tmp_path / "alone")
     args = ["--dataset", "folder", "--data-root", tiny_root, "--output-dir", out, *TINY]
     assert train.main([*args, "--stage", "warmup"]) == 0
     assert os.path.isfile(os.path.join(out, "warmup.pt")) and not os.path.exists(os.path.join(out, "last.pt"))
+    capsys.readouterr()
     assert train.main([*args, "--stage", "ssl"]) == 0
     assert os.path.isfile(os.path.join(out, "last.pt"))
+    assert "other inputs" not in capsys.readouterr().out
+    # A decoder warmed up for another run (here another seed: other initial encoder features) is
+    # named, not used silently.
+    other = ["--dataset", "folder", "--data-root", tiny_root, "--output-dir", str(tmp_path / "other"), *TINY]
+    assert train.main([*other, "--stage", "ssl", "--seed", "5", "--resume-from", os.path.join(out, "warmup.pt")]) == 0
+    assert "warmed the decoder up on other inputs: --seed 0 (this run: 5)" in capsys.readouterr().out
     assert train.main([*args, "--stage", "eval", "--probe-fractions", "1.0"]) == 0
     # A trained model is not a warm-up decoder: a clear error, not a KeyError.
     assert train.main([*args, "--stage", "ssl", "--resume-from", os.path.join(out, "last.pt")]) == 2
