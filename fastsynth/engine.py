@@ -354,8 +354,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
     def checkpoint(epoch: int, batch: int) -> None:
         nonlocal window
         if deferred and window:  # the device-side skip flags not yet read: counted before saving
-            bad.check_window(int(bad_window), window, "SSL", step, *runs.read())
-            bad_window.zero_()
+            n_bad, trailing, longest = runs.read()
+            bad.check_window(n_bad, window, "SSL", step, trailing, longest)
             window = 0
         partial = None
         if batch:  # mid-epoch: the epoch's sums so far (all ranks'), so its logged means cover it all
@@ -384,7 +384,7 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 sums = {k: torch.tensor(v * own, device=device) for k, v in saved["sums"].items()}
                 count = torch.tensor(saved["count"] * own, device=device)
             stopping = False
-            bad_window, window = torch.zeros((), device=device), 0
+            window = 0  # steps since the device-side skip flags were last read (runs)
             t_epoch = t_log = time.perf_counter()
             images = images_log = steps_done = steps_log = 0
             read = first  # batches of this epoch done: a --max-steps end can leave it unfinished
@@ -409,7 +409,6 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 count += w
                 images += x1.shape[0]
                 steps_done += 1
-                bad_window += 1 - w
                 if deferred:
                     runs.step(good)
                 window += 1
@@ -417,8 +416,8 @@ def train_ssl(model: SynthSSL, splits: Splits, cfg: Config, run: RunDir, device:
                 gc_steps.step(step)
                 read = i + 1
                 if deferred and (step % cfg.log_every == 0 or i + 1 == steps_per_epoch or step >= total_steps):
-                    bad.check_window(int(bad_window), window, "SSL", step, *runs.read())
-                    bad_window.zero_()
+                    n_bad, trailing, longest = runs.read()
+                    bad.check_window(n_bad, window, "SSL", step, trailing, longest)
                     window = 0
                 if out is not None and out["x_tilde"] is not None:  # what the figure needs, no graph
                     last = (x, out["x_hat"], out["x_tilde"])
@@ -603,13 +602,15 @@ def _move_aside(run: RunDir, names: list[str], prefix: str) -> str:
     return dest
 
 
-def _set_aside_previous_run(run: RunDir) -> None:
-    """A fresh SSL run in a folder that holds an earlier run's checkpoints moves them to
-    previous-<time>/: `--resume auto` must never pick up a stale run, and nothing is deleted."""
-    old = _ssl_checkpoints(run)
+def _set_aside_previous_run(run: RunDir, also: tuple[str, ...] = ()) -> None:
+    """A fresh SSL run in a folder that holds an earlier run's checkpoints moves them (and the
+    files named in `also` that exist) to previous-<time>/: `--resume auto` must never pick up a
+    stale run, and nothing is deleted."""
+    import os
+    old = _ssl_checkpoints(run) + [f for f in also if os.path.isfile(run.file(f))]
     if old:
         dest = _move_aside(run, old, "previous")
-        print(f"note: {run.path} held SSL checkpoints of an earlier run; moved them to {dest}")
+        print(f"note: {run.path} held an earlier run's files ({', '.join(sorted(old))}); moved them to {dest}")
 
 
 def set_aside_earlier_run(run: RunDir) -> None:
@@ -618,11 +619,7 @@ def set_aside_earlier_run(run: RunDir) -> None:
     to previous-<time>/ before any work. Moved only at the SSL stage's start, a run that died in
     its warm-up left --resume auto the earlier run's last.pt to continue (another experiment),
     and the new run's log lines were appended to the old run's curves. Nothing is deleted."""
-    import os
-    old = _ssl_checkpoints(run) + [f for f in ("warmup.pt", "metrics.jsonl") if os.path.isfile(run.file(f))]
-    if old:
-        dest = _move_aside(run, old, "previous")
-        print(f"note: {run.path} held an earlier run's files ({', '.join(sorted(old))}); moved them to {dest}")
+    _set_aside_previous_run(run, also=("warmup.pt", "metrics.jsonl"))
 
 
 def _set_aside_newer(run: RunDir, step: int) -> None:

@@ -86,24 +86,27 @@ class BadSteps:
 
 
 class RunTracker:
-    """Bad steps in a row, on the device (no host sync per step): `trailing` is the current run,
-    carried across windows, `longest` the longest run since the last read."""
+    """Bad steps of a window, on the device (no host sync per step): `count` of them, `trailing`
+    the current run (carried across windows), `longest` the longest run since the last read."""
 
     def __init__(self, in_a_row: int, device: torch.device):
+        self.count = torch.zeros((), device=device)
         self.trailing = torch.full((), float(in_a_row), device=device)
         self.longest = self.trailing.clone()
 
     def step(self, applied: torch.Tensor) -> None:
         bad = 1.0 - applied.float()
+        self.count.add_(bad)
         self.trailing.add_(1.0).mul_(bad)  # +1 on a bad step, back to 0 on a good one
         torch.maximum(self.longest, self.trailing, out=self.longest)
 
-    def read(self) -> tuple[int, int]:
-        """(trailing, longest) read back (one sync, at the window's end); the next window's
-        longest starts from the run it inherits."""
-        trailing, longest = (int(v) for v in torch.stack([self.trailing, self.longest]).tolist())
+    def read(self) -> tuple[int, int, int]:
+        """(count, trailing, longest) read back in one sync, at the window's end; the next
+        window counts from 0 and its longest starts from the run it inherits."""
+        count, trailing, longest = (int(v) for v in torch.stack([self.count, self.trailing, self.longest]).tolist())
+        self.count.zero_()
         self.longest.copy_(self.trailing)
-        return trailing, longest
+        return count, trailing, longest
 
 
 def finite_flag(loss: torch.Tensor, params) -> torch.Tensor:

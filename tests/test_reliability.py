@@ -609,18 +609,18 @@ def test_device_run_tracker_counts_runs_not_totals():
     flags = [False, True, False, True, False, True, False, True, False, True]  # 5 bad, none adjacent
     for ok in flags:
         runs.step(torch.tensor(ok))
-    trailing, longest = runs.read()
-    assert (trailing, longest) == (0, 3)  # the 2 carried in + the window's first bad step
+    n_bad, trailing, longest = runs.read()
+    assert (n_bad, trailing, longest) == (5, 0, 3)  # the 2 carried in + the window's first bad step
     bad.check_window(5, 10, "SSL", 10, trailing, longest)  # 3 is not over the limit
     assert (bad.total, bad.in_a_row) == (7, 0)
     for ok in (True, False, False):
         runs.step(torch.tensor(ok))
-    assert runs.read() == (2, 2)  # the window's longest starts from the run it inherits (0 here)
+    assert runs.read() == (2, 2, 2)  # the window's longest starts from the run it inherits (0 here)
     bad.check_window(2, 3, "SSL", 13, 2, 2)
     for ok in (False, False):
         runs.step(torch.tensor(ok))
-    trailing, longest = runs.read()
-    assert (trailing, longest) == (4, 4)
+    n_bad, trailing, longest = runs.read()
+    assert (n_bad, trailing, longest) == (2, 4, 4)
     with pytest.raises(TrainingError, match="4 non-finite SSL steps in a row"):
         bad.check_window(2, 2, "SSL", 15, trailing, longest)
 
